@@ -1,0 +1,3 @@
+from cellbatch.cli import main
+
+main()

@@ -1,0 +1,80 @@
+"""The ``cellbatch`` command.
+
+Subcommands live one per module in this package and are imported only when invoked, so
+``cellbatch --help`` stays instant (torch and dask load inside commands). This module is the one
+boundary that turns a :class:`~cellbatch.errors.CellbatchError` into one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from cellbatch import __version__
+from cellbatch.errors import CellbatchError
+
+# name -> (module, attribute, one-line help). Help text lives here so listing imports nothing.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("cellbatch.cli.run", "run", "Convert captures: detect, crop, generate, normalise, check, write."),
+    "synth": ("cellbatch.cli.synth", "synth", "Write synthetic DM-scale captures (and two-optics pairs)."),
+    "model": ("cellbatch.cli.model", "model", "Export and inspect TorchScript model files."),
+    "normalise": ("cellbatch.cli.normalise", "normalise", "Fit colour-normalisation profiles."),
+    "eval": ("cellbatch.cli.eval", "eval_", "Measure detection against ground-truth boxes."),
+    "check": ("cellbatch.cli.check", "check", "Re-check an existing output with a classifier."),
+    "classifier": ("cellbatch.cli.classifier", "classifier", "Train a reference white-cell classifier."),
+    "pair": ("cellbatch.cli.pair", "pair", "Pair and align DM1200 and DM96 captures for training."),
+    "train": ("cellbatch.cli.train", "train", "Train a generator (L1Net, L1GAN, ccGAN, pcNET)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module_name, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module_name), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cellbatch")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Convert DM1200 white-blood-cell captures to the DM96 look, in bulk."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one line per user error, a traceback only with ``--debug``."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="cellbatch", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("cellbatch: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except CellbatchError as exc:
+        if debug:
+            raise
+        click.echo(f"cellbatch: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("cellbatch: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(0)

@@ -1,0 +1,52 @@
+"""Errors a user can act on.
+
+Every error here carries a message that names the thing and the fix, and an exit code. The CLI turns
+them into one line on stderr (a traceback only with ``--debug``). Each class also subclasses the
+matching built-in, so Python callers can catch ``FileNotFoundError`` or ``ValueError`` as usual.
+"""
+
+from __future__ import annotations
+
+
+class ExitCode:
+    """Process exit codes (contract: documented in the README)."""
+
+    OK = 0
+    USAGE = 2  # click's own code for a bad option or argument
+    COULD_NOT_RUN = 3  # bad model, unusable output folder, locked output, ...
+    INPUTS_FAILED = 4  # the run finished, some captures or slides failed
+    QC_FAILED = 5  # the run finished, some slides are below --min-agreement
+
+
+class CellbatchError(Exception):
+    """Base of every error cellbatch reports to a user as one line."""
+
+    exit_code = ExitCode.COULD_NOT_RUN
+
+
+class InputNotFoundError(CellbatchError, FileNotFoundError):
+    """An input path (captures, model, profile, reference) does not exist."""
+
+
+class InputFormatError(CellbatchError, ValueError):
+    """An input exists but cannot be used as it is (corrupt image, wrong dtype, bad Zarr layout)."""
+
+
+class ModelError(CellbatchError, ValueError):
+    """A model file cannot be loaded or does not honour the model contract."""
+
+
+class ProfileError(CellbatchError, ValueError):
+    """A normalisation profile is corrupt or does not fit the normaliser."""
+
+
+class OutputError(CellbatchError, OSError):
+    """The output folder cannot be written (permissions, full disk, path escapes OUT)."""
+
+
+class LockedError(CellbatchError, RuntimeError):
+    """Another live run holds the output folder."""
+
+
+class ConfigError(CellbatchError, ValueError):
+    """Options that contradict each other or name an unknown plugin."""

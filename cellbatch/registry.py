@@ -1,0 +1,75 @@
+"""Plugin registries, one per kind of stage.
+
+Plugins are data before code (as in npe2): a registry maps a name to an ``"module:attr"`` string and
+imports it only on first use, so listing the choices for ``--help`` imports nothing heavy. Built-ins
+are listed here; third-party plugins add themselves through the entry-point group
+``cellbatch.<kind>`` (see ``plugins/README.md``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+from cellbatch.errors import ConfigError
+
+BUILTINS: dict[str, dict[str, str]] = {
+    "detectors": {
+        "threshold": "cellbatch.detect.threshold:ThresholdDetector",
+    },
+    "normalisers": {
+        "none": "cellbatch.normalise.identity:IdentityNormaliser",
+        "display": "cellbatch.normalise.display:DisplayNormaliser",
+        "hm": "cellbatch.normalise.hm:HMNormaliser",
+        "reinhard": "cellbatch.normalise.reinhard:ReinhardNormaliser",
+        "macenko": "cellbatch.normalise.macenko:MacenkoNormaliser",
+        "global": "cellbatch.normalise.global_affine:GlobalAffineNormaliser",
+    },
+}
+
+
+class Registry:
+    """Name -> lazily imported object for one plugin kind (``detectors``, ``normalisers``)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._targets: dict[str, str] = dict(BUILTINS.get(kind, {}))
+        for ep in entry_points(group=f"cellbatch.{kind}"):
+            self._targets.setdefault(ep.name, ep.value)
+        self._loaded: dict[str, Any] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._targets)
+
+    def register(self, name: str, target: str | Any) -> None:
+        """Add an entry at run time: a ``"module:attr"`` string or the object itself."""
+        if isinstance(target, str):
+            self._targets[name] = target
+            self._loaded.pop(name, None)
+        else:
+            self._targets[name] = f"{target.__module__}:{target.__qualname__}"
+            self._loaded[name] = target
+
+    def get(self, name: str) -> Any:
+        if name not in self._targets:
+            raise ConfigError(
+                f"unknown {self.kind[:-1]} {name!r}: choose one of {', '.join(self.names())} "
+                f"or install the plugin that provides it"
+            )
+        if name not in self._loaded:
+            module_name, _, attr = self._targets[name].partition(":")
+            try:
+                obj: Any = importlib.import_module(module_name)
+                for part in attr.split("."):
+                    obj = getattr(obj, part)
+            except (ImportError, AttributeError) as exc:
+                raise ConfigError(
+                    f"{self.kind[:-1]} {name!r} could not be loaded from {self._targets[name]}: {exc}"
+                ) from exc
+            self._loaded[name] = obj
+        return self._loaded[name]
+
+
+detectors = Registry("detectors")
+normalisers = Registry("normalisers")
