@@ -1,0 +1,113 @@
+"""Run a TorchScript generator over batches of crops.
+
+The model contract (DESIGN.md): float RGB (N, 3, H, W) in ``input_range`` in, the same shape in
+``output_range`` out, H and W multiples of ``tile_multiple``. Crops are padded to that multiple by
+reflection (so the network sees plausible context, not a hard edge) and cropped back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellbatch.errors import ConfigError, ModelError
+from cellbatch.modelfile import ModelFile, load_model
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when CUDA is present, else ``cpu``; checks an explicit CUDA device exists."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here; pick cuda:0.."
+            )
+    elif device != "cpu":
+        raise ConfigError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def to_range(crops: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) linearly mapped from [0, 255] to ``value_range``."""
+    lo, hi = value_range
+    x = crops.astype(np.float32).transpose(0, 3, 1, 2)
+    return x * np.float32((hi - lo) / 255.0) + np.float32(lo)
+
+
+def from_range(x: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """float (N, 3, H, W) in ``value_range`` -> uint8 (N, H, W, 3), rounded and clipped."""
+    lo, hi = value_range
+    y = (x - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    return np.clip(np.rint(y), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+class Generator:
+    """A loaded generator: ``Generator(model_file, device=...)(crops) -> generated crops``."""
+
+    def __init__(self, model: ModelFile, *, device: str = "cpu") -> None:
+        self.model = model
+        self.device = device
+        meta = model.metadata
+        self.input_range = tuple(float(v) for v in meta["input_range"])
+        self.output_range = tuple(float(v) for v in meta["output_range"])
+        self.tile_multiple = int(meta.get("tile_multiple", 1))
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str = "cpu", expected_sha256: str | None = None) -> Generator:
+        return cls(load_model(path, kind="generator", device=device, expected_sha256=expected_sha256), device=device)
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        import torch
+
+        n, h, w, _ = crops.shape
+        x = torch.from_numpy(to_range(crops, self.input_range)).to(self.device)
+        pad_h, pad_w = -h % self.tile_multiple, -w % self.tile_multiple
+        if pad_h or pad_w:
+            x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+        with torch.inference_mode():
+            try:
+                y = self.model.module(x)
+            except Exception as exc:
+                raise ModelError(
+                    f"generator {self.model.path} failed on a batch of shape {tuple(x.shape)}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from exc
+        check_output(y, tuple(x.shape), self.model.path)
+        y = y[:, :, :h, :w].float().cpu().numpy()
+        return from_range(y, self.output_range)
+
+    def provenance(self) -> dict[str, Any]:
+        return self.model.provenance()
+
+
+def check_output(y: Any, expected_shape: tuple[int, ...], path: Path) -> None:
+    """Raise :class:`ModelError` unless ``y`` is a finite floating tensor of ``expected_shape``."""
+    import torch
+
+    if not isinstance(y, torch.Tensor):
+        raise ModelError(f"model {path} returned {type(y).__name__}, not a tensor: it breaks the model contract")
+    if tuple(y.shape) != expected_shape:
+        raise ModelError(
+            f"model {path} returned shape {tuple(y.shape)} for input {expected_shape}: "
+            "a generator must return the input's shape"
+        )
+    if not y.is_floating_point():
+        raise ModelError(f"model {path} returned dtype {y.dtype}: a generator must return floats")
+    if not bool(torch.isfinite(y).all()):
+        raise ModelError(f"model {path} returned NaN or infinite values: the model file is broken")

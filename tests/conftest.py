@@ -1,0 +1,33 @@
+"""Fixtures shared across the test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real images in ../shared/data; the test is skipped where that folder is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test images not found at {SHARED_DATA} (they live beside the checkout in shared/data)")
+    return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` tests where CUDA is absent (CI never has a GPU)."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA, which this machine does not have")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
