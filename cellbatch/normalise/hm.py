@@ -1,0 +1,278 @@
+"""Hedlund-Morell (HM) normalisation: one colour transform per class, blended by soft class probabilities.
+
+Thesis section 2.2: segment captures into background, red cells, cytoplasm and nucleus; fit a 3-D
+Gaussian in RGB per class on source (DM1200) and on target (DM96) captures; map each class by the
+affine transform between its two Gaussians (the Monge map, see :mod:`cellbatch.normalise.gaussian`
+for why); give every pixel a probability of each class and blend the four results by them, so that
+a pixel on a class border, or a pixel the segmentation got wrong, gets a smooth mix instead of a seam.
+
+``--normalise hm:PROFILE.json`` with a profile from ``cellbatch normalise fit --method hm``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from cellbatch.normalise.gaussian import ColourStats, Gaussians, monge_map
+from cellbatch.normalise.profile import read_profile
+
+# Indexed by label value (cellbatch.detect.base: BACKGROUND=0, RED_CELL=1, CYTOPLASM=2, NUCLEUS=3).
+CLASSES = ("background", "red_cell", "cytoplasm", "nucleus")
+N_CLASSES = len(CLASSES)
+
+# A class with fewer fitted pixels than this (on either side) takes the whole-image transform: a
+# covariance from a handful of pixels is noise.
+MIN_CLASS_PIXELS = 500
+
+
+@dataclass(frozen=True)
+class SoftSettings:
+    """How class probabilities are made from colours and a label mask.
+
+    ``prior_sigma`` (px): Gaussian blur of the one-hot label mask, so a label edge becomes a ramp
+    about 4 sigma wide. ``prior_floor``: weight every class keeps everywhere, so a pixel whose colour
+    clearly belongs to another class than its label can still take that class (the segmentation
+    is not perfect). ``colour_sigma`` (8-bit levels): added in quadrature to every class's standard
+    deviation for the likelihood, so the probability changes gradually with colour instead of
+    flipping with sensor noise. ``smooth_sigma`` (px): final blur of the probabilities, which
+    removes pixel-to-pixel flicker where two classes are equally likely.
+    """
+
+    prior_sigma: float = 2.0
+    prior_floor: float = 0.05
+    colour_sigma: float = 4.0
+    smooth_sigma: float = 1.0
+
+
+class ClassLikelihood:
+    """Log-likelihoods of pixel colours under K Gaussians.
+
+    Works on planar colours (3, P): one (3K, 3) matrix product whitens the pixels for every class at
+    once, and every later reduction runs over the short leading axis of long contiguous rows, which
+    is what keeps HM within its time budget.
+    """
+
+    def __init__(self, mean: np.ndarray, cov: np.ndarray, *, colour_sigma: float) -> None:
+        k = mean.shape[0]
+        whiten = np.empty((3 * k, 3), np.float32)
+        offset = np.empty((3 * k, 1), np.float32)
+        self.log_norm = np.empty((k, 1), np.float32)
+        for i in range(k):
+            c = cov[i] + colour_sigma**2 * np.eye(3)
+            w = np.linalg.inv(np.linalg.cholesky(c))  # w @ c @ w.T = I
+            whiten[3 * i : 3 * i + 3] = w
+            offset[3 * i : 3 * i + 3, 0] = -(w @ mean[i])
+            self.log_norm[i] = -0.5 * np.linalg.slogdet(c)[1]
+        self.whiten, self.offset, self.k = whiten, offset, k
+
+    def __call__(self, planes: np.ndarray) -> np.ndarray:
+        """(3, P) float32 colours -> (K, P) float32 log-likelihoods (up to a shared constant)."""
+        z = self.whiten @ planes
+        z += self.offset
+        z *= z
+        return -0.5 * z.reshape(self.k, 3, -1).sum(axis=1) + self.log_norm
+
+
+def class_probabilities(
+    image: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    likelihood: ClassLikelihood,
+    settings: SoftSettings = SoftSettings(),
+) -> np.ndarray:
+    """Soft class probabilities of every pixel of one image.
+
+    p_k(x) is proportional to prior_k(x) * N(colour(x) | class k) where prior_k is the one-hot
+    label mask blurred by a Gaussian of ``prior_sigma`` px, floored at ``prior_floor`` (uniform
+    without labels), and the class Gaussians are the fitted source Gaussians widened by
+    ``colour_sigma``. The normalised probabilities are then blurred by ``smooth_sigma`` px; a blur
+    of a partition of unity still sums to one.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        (H, W, 3) uint8 RGB.
+    labels : np.ndarray or None
+        (H, W) uint8 class labels (0..K-1), or ``None``.
+    likelihood : ClassLikelihood
+        The class colour model.
+    settings : SoftSettings
+        Blur widths and floors.
+
+    Returns
+    -------
+    np.ndarray
+        (K, H, W) float32 planes, summing to 1 over K.
+    """
+    h, w = image.shape[:2]
+    k = likelihood.k
+    log_lik = likelihood(_planar(image))
+    # the shift by the best class keeps exp() in range; the prior is at least prior_floor / K, so
+    # the product cannot underflow everywhere at once
+    log_lik -= log_lik.max(axis=0)
+    p = np.exp(log_lik, out=log_lik)
+    if labels is not None:
+        onehot = (labels[None] == np.arange(k, dtype=labels.dtype)[:, None, None]).astype(np.float32)
+        prior = _blur(onehot, settings.prior_sigma).reshape(k, -1)
+        prior *= 1.0 - settings.prior_floor
+        prior += settings.prior_floor / k
+        p *= prior
+    p /= p.sum(axis=0)
+    return _blur(p.reshape(k, h, w), settings.smooth_sigma)
+
+
+def _planar(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, H*W) float32."""
+    return image.reshape(-1, 3).T.astype(np.float32)
+
+
+def _blur(planes: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of each (H, W) plane of a (K, H, W) float32 stack."""
+    if sigma <= 0:
+        return planes
+    return np.stack([cv2.GaussianBlur(p, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) for p in planes])
+
+
+def blend_affine(image: np.ndarray, probabilities: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum_k p_k (A_k x + b_k) for every pixel x, rounded to uint8.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        (H, W, 3) uint8 RGB.
+    probabilities : np.ndarray
+        (K, H, W) float32 planes.
+    a, b : np.ndarray
+        (K, 3, 3) matrices and (K, 3) offsets.
+
+    Returns
+    -------
+    np.ndarray
+        (H, W, 3) uint8.
+    """
+    h, w = image.shape[:2]
+    k = a.shape[0]
+    y = a.reshape(3 * k, 3).astype(np.float32) @ _planar(image)
+    y += b.reshape(3 * k, 1).astype(np.float32)
+    y = y.reshape(k, 3, -1)
+    y *= probabilities.reshape(k, 1, -1)
+    out = y.sum(axis=0)
+    out += 0.5
+    np.clip(out, 0, 255, out=out)
+    return np.ascontiguousarray(out.astype(np.uint8).T).reshape(h, w, 3)
+
+
+def fit_hm(
+    source: Iterable[tuple[np.ndarray, np.ndarray]], target: Iterable[tuple[np.ndarray, np.ndarray]]
+) -> dict[str, Any]:
+    """Fit HM profile fields from (image, labels) pairs of source and target captures.
+
+    Source and target need not be paired. A class with fewer than ``MIN_CLASS_PIXELS`` pixels on
+    either side takes the whole-image transform (``"fallback": true`` in the profile).
+
+    Parameters
+    ----------
+    source, target : iterable of (np.ndarray, np.ndarray)
+        (H, W, 3) uint8 RGB captures with (H, W) uint8 labels (0 background, 1 red cell,
+        2 cytoplasm, 3 nucleus).
+
+    Returns
+    -------
+    dict
+        Fields for :func:`~cellbatch.normalise.profile.write_profile`.
+    """
+    fitted = {}
+    for side, pairs in (("source", source), ("target", target)):
+        per_class, whole = ColourStats(N_CLASSES), ColourStats(1)
+        for image, labels in pairs:
+            per_class.add(image, labels)
+            whole.add(image)
+        fitted[side] = (per_class.gaussians(), whole.gaussians())
+    (src, src_all), (tgt, tgt_all) = fitted["source"], fitted["target"]
+    if src_all.pixels[0] == 0 or tgt_all.pixels[0] == 0:
+        raise ValueError("fit_hm needs at least one source and one target image")
+    a_all, b_all = monge_map(src_all.mean[0], src_all.cov[0], tgt_all.mean[0], tgt_all.cov[0])
+    a = np.empty((N_CLASSES, 3, 3))
+    b = np.empty((N_CLASSES, 3))
+    fallback = (src.pixels < MIN_CLASS_PIXELS) | (tgt.pixels < MIN_CLASS_PIXELS)
+    src_mean, src_cov = src.mean.copy(), src.cov.copy()
+    for k in range(N_CLASSES):
+        if fallback[k]:
+            a[k], b[k] = a_all, b_all
+            if src.pixels[k] < MIN_CLASS_PIXELS:
+                # the likelihood of an unseen class must still be finite; whole-image colours are
+                # the least committal stand-in, and the prior from the labels does the rest
+                src_mean[k], src_cov[k] = src_all.mean[0], src_all.cov[0]
+        else:
+            a[k], b[k] = monge_map(src.mean[k], src.cov[k], tgt.mean[k], tgt.cov[k])
+    return {
+        "classes": list(CLASSES),
+        "source": _gaussian_fields(Gaussians(src_mean, src_cov, src.pixels)),
+        "target": _gaussian_fields(tgt, fill=tgt_all),
+        "transform": {"A": a, "b": b, "fallback": fallback.tolist()},
+    }
+
+
+def _gaussian_fields(g: Gaussians, fill: Gaussians | None = None) -> dict[str, Any]:
+    mean, cov = g.mean.copy(), g.cov.copy()
+    if fill is not None:
+        empty = ~np.isfinite(mean).all(axis=1)
+        mean[empty], cov[empty] = fill.mean[0], fill.cov[0]
+    return {"mean": mean, "cov": cov, "pixels": g.pixels}
+
+
+class HMNormaliser:
+    """``--normalise hm:PROFILE.json``: per-class Monge maps blended by soft class probabilities.
+
+    Parameters
+    ----------
+    arg : str
+        Path of a profile from ``cellbatch normalise fit --method hm``.
+
+    Examples
+    --------
+    >>> norm = HMNormaliser("profile.json")  # doctest: +SKIP
+    >>> out = norm(crops, masks)  # doctest: +SKIP
+    """
+
+    name = "hm"
+
+    def __init__(self, arg: str | None = None, *, settings: SoftSettings = SoftSettings()) -> None:
+        self.arg = arg
+        self.profile = read_profile(arg, method="hm")
+        k = N_CLASSES
+        if self.profile.data.get("classes") != list(CLASSES):
+            self.profile._bad(f"has classes {self.profile.data.get('classes')!r}, expected {list(CLASSES)}")
+        self.a = self.profile.array("transform", "A", shape=(k, 3, 3))
+        self.b = self.profile.array("transform", "b", shape=(k, 3))
+        mean = self.profile.array("source", "mean", shape=(k, 3))
+        cov = self.profile.array("source", "cov", shape=(k, 3, 3))
+        if (np.linalg.eigvalsh(cov) < -1e-6).any():
+            self.profile._bad("has a source covariance that is not positive semi-definite")
+        self.settings = settings
+        self.likelihood = ClassLikelihood(mean, cov, colour_sigma=settings.colour_sigma)
+
+    def __call__(self, crops: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
+        out = np.empty_like(crops)
+        for i in range(crops.shape[0]):
+            p = class_probabilities(
+                crops[i],
+                None if masks is None else masks[i],
+                likelihood=self.likelihood,
+                settings=self.settings,
+            )
+            out[i] = blend_affine(crops[i], p, self.a, self.b)
+        return out
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "arg": self.arg,
+            "profile": self.profile.provenance(),
+            "settings": asdict(self.settings),
+        }

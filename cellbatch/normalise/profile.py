@@ -1,0 +1,147 @@
+"""Fitted normalisation profiles: versioned JSON files (contract: docs/normalisation.md).
+
+Every profile is one JSON object with ``"format": "cellbatch-<method>-profile"`` (method ``hm``,
+``global``, ``reinhard`` or ``macenko``), ``"version": 1``, the fitted numbers, and a ``"fit"``
+record of how it was made. A normaliser reads its profile with :func:`read_profile`, which turns
+every way a file can be wrong (missing, not JSON, another method's profile, a newer version, a
+missing or misshapen field, non-finite numbers) into one :class:`~cellbatch.errors.ProfileError`
+line that names the file and the fix. The profile's sha256 goes into provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellbatch.errors import InputNotFoundError, ProfileError
+
+VERSION = 1
+METHODS = ("hm", "global", "reinhard", "macenko")
+
+
+def profile_format(method: str) -> str:
+    return f"cellbatch-{method}-profile"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A profile read from disk: its ``method``, parsed JSON ``data``, ``path`` and ``sha256``."""
+
+    method: str
+    data: dict[str, Any]
+    path: Path
+    sha256: str
+
+    def array(self, *keys: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The float64 array at ``data[keys[0]][keys[1]]...``, checked to have ``shape``."""
+        node: Any = self.data
+        for key in keys:
+            if not isinstance(node, dict) or key not in node:
+                self._bad(f"has no field {'.'.join(keys)!r}")
+            node = node[key]
+        try:
+            arr = np.asarray(node, dtype=np.float64)
+        except (TypeError, ValueError):
+            self._bad(f"field {'.'.join(keys)!r} is not an array of numbers")
+        if arr.shape != shape:
+            self._bad(f"field {'.'.join(keys)!r} has shape {arr.shape}, expected {shape}")
+        if not np.isfinite(arr).all():
+            self._bad(f"field {'.'.join(keys)!r} holds non-finite numbers")
+        return arr
+
+    def provenance(self) -> dict[str, Any]:
+        return {"path": str(self.path), "sha256": self.sha256, "format": self.data["format"]}
+
+    def _bad(self, what: str) -> None:
+        raise ProfileError(
+            f"profile {self.path} {what}: it is corrupt or was edited by hand; refit it with "
+            f"`cellbatch normalise fit --method {self.method}`"
+        )
+
+
+def read_profile(path: str | Path | None, *, method: str) -> Profile:
+    """Read and check the envelope of a ``method`` profile.
+
+    Parameters
+    ----------
+    path : str or Path or None
+        The profile file (``None`` when the user gave no ``NAME:ARG``).
+    method : str
+        The method the caller needs (``hm``, ``global``, ``reinhard``, ``macenko``).
+
+    Raises
+    ------
+    ProfileError
+        Missing argument, not JSON, wrong method, unknown version.
+    InputNotFoundError
+        The file does not exist.
+    """
+    if not path:
+        raise ProfileError(
+            f"--normalise {method} needs a profile: write --normalise {method}:PROFILE.json, fitted with "
+            f"`cellbatch normalise fit --method {method} ...`"
+        )
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(
+            f"profile {path} does not exist: fit one with "
+            f"`cellbatch normalise fit --method {method} --out {path}`"
+        )
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    refit = f"refit it with `cellbatch normalise fit --method {method}`"
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProfileError(f"profile {path} is not valid JSON ({exc}): the file is corrupt; {refit}") from exc
+    if not isinstance(data, dict) or not str(data.get("format", "")).startswith("cellbatch-"):
+        raise ProfileError(f"profile {path} is not a cellbatch profile (no cellbatch format field); {refit}")
+    fmt = data["format"]
+    if fmt != profile_format(method):
+        other = fmt.removeprefix("cellbatch-").removesuffix("-profile")
+        raise ProfileError(
+            f"profile {path} is a {other!r} profile, not {method!r}: use --normalise {other}:{path}, "
+            f"or {refit}"
+        )
+    version = data.get("version")
+    if version != VERSION:
+        raise ProfileError(
+            f"profile {path} has version {version!r}, this cellbatch reads version {VERSION}: "
+            f"upgrade cellbatch or {refit}"
+        )
+    return Profile(method=method, data=data, path=path, sha256=digest)
+
+
+def write_profile(path: str | Path, *, method: str, fields: dict[str, Any], fit: dict[str, Any]) -> Path:
+    """Write a profile atomically (temporary file, then rename) and return its path.
+
+    ``fields`` may hold numpy arrays; they are written as nested lists.
+    """
+    data = {"format": profile_format(method), "version": VERSION, **_plain(fields), "fit": _plain(fit)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("profiles hold finite numbers only")
+    return value
