@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,9 @@ def save_model(module: Any, path: str | Path, metadata: dict[str, Any]) -> Path:
     meta.setdefault("torch_version", torch.__version__)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(module, str(path), _extra_files={METADATA_NAME: json.dumps(meta, indent=2)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is the contract (DESIGN.md)
+        torch.jit.save(module, str(path), _extra_files={METADATA_NAME: json.dumps(meta, indent=2)})
     return path
 
 
@@ -105,7 +108,9 @@ def load_model(
     stored = read_metadata(path)
     extra = {METADATA_NAME: ""}
     try:
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as exc:  # torch raises RuntimeError, ValueError, ... for unreadable graphs
         saved_by = (stored or {}).get("torch_version", "an unknown torch")
         raise ModelError(

@@ -1,0 +1,35 @@
+import numpy as np
+
+from cellbatch.crop import background_colour, crop_window
+
+
+def test_crop_is_centred_on_the_cell():
+    image = np.zeros((480, 640, 3), np.uint8)
+    image[240, 320] = 255
+    crop, window = crop_window(image, 320.2, 239.7, size=256)
+    assert window == (192, 112, 448, 368)
+    assert crop.shape == (256, 256, 3)
+    assert tuple(np.argwhere(crop[..., 0] == 255)[0]) == (128, 128)
+
+
+def test_crop_past_the_border_is_padded_with_fill():
+    image = np.full((100, 100, 3), 50, np.uint8)
+    crop, (x0, y0, x1, y1) = crop_window(image, 5, 95, size=64, fill=np.array([1, 2, 3], np.uint8))
+    assert (x0, y0) == (-27, 63)
+    assert (crop[0, 0] == [1, 2, 3]).all()  # left of the image
+    assert (crop[-1, -1] == [1, 2, 3]).all()  # below the image
+    assert (crop[10, 40] == 50).all()  # inside the image
+
+
+def test_mask_crop_pads_with_background():
+    labels = np.full((50, 50), 3, np.uint8)
+    mask, _ = crop_window(labels, 0, 0, size=32, fill=0)
+    assert mask[0, 0] == 0 and mask[20, 20] == 3
+
+
+def test_background_colour_uses_background_labels():
+    image = np.zeros((40, 40, 3), np.uint8)
+    image[:20] = (230, 220, 210)
+    labels = np.ones((40, 40), np.uint8)
+    labels[:20] = 0
+    assert background_colour(image, labels).tolist() == [230, 220, 210]
