@@ -1,0 +1,151 @@
+"""Write one slide's results: cells.csv, cells.zarr, provenance.json (contract: DESIGN.md).
+
+Everything goes to a hidden staging folder inside OUT and is renamed into place when the slide is
+complete, so a slide folder appears whole or not at all, even when the process is killed. Crops are
+appended in fixed chunks so memory stays bounded however many cells a slide has.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STAGING_DIR = ".cellbatch-staging"
+CELL_COLUMNS = (
+    "cell_id", "source", "frame", "x0", "y0", "x1", "y1", "cx", "cy",
+    "area_px", "nucleus_area_px", "edge",
+)
+CHECK_COLUMNS = ("class_input", "class_output", "class_reference", "p_output", "agree")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def format_value(value: Any) -> Any:
+    """CSV cell text: fixed 2-decimal floats so reruns are byte-identical, empty for missing values."""
+    if value is None:
+        return ""
+    if isinstance(value, bool | np.bool_):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.2f}" if np.isfinite(value) else ""
+    return value
+
+
+class SlideWriter:
+    """Stream one slide's cells into a staging folder, then :meth:`commit` it into place.
+
+    Parameters
+    ----------
+    final_dir
+        The slide's output folder (``OUT/<slide name>``), from :func:`cellbatch.safepath.output_dir_for`.
+    out_root
+        OUT; the staging folder lives inside it so the final rename stays on one file system.
+    arrays
+        Names of the (N, S, S, ...) uint8 arrays to write in ``cells.zarr``, with their per-cell shape.
+    columns
+        The ``cells.csv`` header.
+    """
+
+    def __init__(
+        self,
+        final_dir: Path,
+        *,
+        out_root: Path,
+        arrays: dict[str, tuple[int, ...]],
+        columns: tuple[str, ...],
+        chunk: int = 16,
+    ) -> None:
+        import zarr
+
+        self.final_dir = final_dir
+        self.out_root = out_root
+        self.staging = out_root / STAGING_DIR / f"{final_dir.name}-{uuid.uuid4().hex[:12]}"
+        self.staging.mkdir(parents=True)
+        self.columns = columns
+        self.chunk = chunk
+        self.count = 0
+        self._csv_file = open(self.staging / "cells.csv", "w", newline="", encoding="utf-8")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=list(columns), extrasaction="ignore")
+        self._csv.writeheader()
+        group = zarr.open_group(str(self.staging / "cells.zarr"), mode="w", zarr_format=3)
+        self._arrays = {
+            name: group.create_array(name, shape=(0, *shape), chunks=(chunk, *shape), dtype="uint8")
+            for name, shape in arrays.items()
+        }
+        self._pending: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
+        self._pending_count = 0
+
+    @property
+    def folder(self) -> Path:
+        """Where files that belong beside the slide's results are written before the commit."""
+        return self.staging
+
+    def add(self, rows: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> None:
+        """Append cells: ``rows`` get consecutive ``cell_id`` values; ``arrays`` hold one row per cell."""
+        for row in rows:
+            row["cell_id"] = self.count
+            self.count += 1
+            self._csv.writerow({k: format_value(row.get(k)) for k in self.columns})
+        for name, data in arrays.items():
+            self._pending[name].append(np.asarray(data, dtype=np.uint8))
+        self._pending_count += len(rows)
+        if self._pending_count >= self.chunk:
+            self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        # Write whole chunks only, so each chunk file is written exactly once (byte-identical reruns).
+        if not self._pending_count:
+            return
+        stacked = {name: np.concatenate(parts) for name, parts in self._pending.items() if parts}
+        n_write = self._pending_count if final else (self._pending_count // self.chunk) * self.chunk
+        for name, data in stacked.items():
+            arr = self._arrays[name]
+            start = arr.shape[0]
+            arr.resize((start + n_write, *arr.shape[1:]))
+            arr[start : start + n_write] = data[:n_write]
+            self._pending[name] = [data[n_write:]] if n_write < len(data) else []
+        self._pending_count -= n_write
+
+    def commit(self, provenance: dict[str, Any]) -> Path:
+        """Finish the files and move the slide folder into place (replacing an older result)."""
+        self._flush(final=True)
+        self._csv_file.flush()
+        os.fsync(self._csv_file.fileno())
+        self._csv_file.close()
+        write_json_atomic(self.staging / "provenance.json", provenance)
+        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if self.final_dir.exists():
+            old = self.out_root / STAGING_DIR / f"old-{uuid.uuid4().hex[:12]}"
+            os.rename(self.final_dir, old)
+        os.rename(self.staging, self.final_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final_dir
+
+    def abort(self) -> None:
+        """Drop the staging folder (the slide failed); an existing older result is left alone."""
+        if not self._csv_file.closed:
+            self._csv_file.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def clear_staging(out_root: Path) -> None:
+    """Remove what killed runs left in the staging folder (called under the run lock)."""
+    shutil.rmtree(out_root / STAGING_DIR, ignore_errors=True)
