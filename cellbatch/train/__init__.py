@@ -1,0 +1,1 @@
+"""Training: paired data, generator setups and their losses."""
