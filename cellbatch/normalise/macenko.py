@@ -1,0 +1,112 @@
+"""``--normalise macenko:PROFILE.json``: Macenko stain normalisation (Macenko et al., ISBI 2009).
+
+Colours become optical densities ``OD = -log((I + 1) / 256)``; pixels with little stain (any
+channel OD below ``BETA``) are dropped; the two stain vectors are the directions at the
+``ALPHA`` and ``100 - ALPHA`` percentiles of angle in the plane of the two largest principal
+components of the rest. Every pixel is unmixed into two stain concentrations, each concentration
+is rescaled so its 99th percentile matches the target's, and the pixel is remixed with the
+target's stain vectors. Stains are estimated per crop; the profile holds the target's stain
+vectors and maximal concentrations, pooled over the target set.
+
+The method models two stains (haematoxylin and eosin in histology; with May-Grünwald-Giemsa the
+azure-eosin pair) and a white light, so it cannot move the background colour independently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from cellbatch.normalise.profile import read_profile
+
+ALPHA = 1.0  # percentile of angle that defines the stain vectors (robust extremes)
+BETA = 0.15  # OD below which a channel counts as unstained
+MIN_STAINED = 200  # fewer stained pixels than this and a crop is returned unchanged
+MAX_FIT_PIXELS = 400_000  # pooled target pixels kept (a fixed-seed sample) for the fit
+
+
+def optical_density(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (H*W, 3) float64 optical density."""
+    return -np.log((image.reshape(-1, 3).astype(np.float64) + 1) / 256)
+
+
+def stain_vectors(od: np.ndarray) -> np.ndarray | None:
+    """The (3, 2) unit stain matrix of (P, 3) optical densities, first column the more blue-absorbing
+    (haematoxylin / azure: larger red OD), or ``None`` with fewer than ``MIN_STAINED`` stained pixels.
+    """
+    od = od[(od > BETA).all(axis=1)]
+    if od.shape[0] < MIN_STAINED:
+        return None
+    _, vecs = np.linalg.eigh(np.cov(od.T))
+    plane = vecs[:, 1:3]
+    plane *= np.where(plane.sum(axis=0) < 0, -1.0, 1.0)  # eigenvector signs are arbitrary; OD is positive
+    proj = od @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, [ALPHA, 100 - ALPHA])
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    he = np.stack([v1, v2], axis=1) if v1[0] > v2[0] else np.stack([v2, v1], axis=1)
+    return he / np.linalg.norm(he, axis=0)
+
+
+def concentrations(od: np.ndarray, he: np.ndarray) -> np.ndarray:
+    """Least-squares stain concentrations (2, P) of (P, 3) optical densities."""
+    return np.linalg.pinv(he) @ od.T
+
+
+def fit_macenko(target: Iterable[np.ndarray]) -> dict[str, Any]:
+    """Target stain vectors and 99th-percentile concentrations from (H, W, 3) uint8 RGB captures.
+
+    Returns
+    -------
+    dict
+        ``{"target": {"stains": (3, 2), "max_concentration": (2,), "pixels": n}}`` for
+        :func:`~cellbatch.normalise.profile.write_profile`.
+    """
+    chunks = [optical_density(image) for image in target]
+    if not chunks:
+        raise ValueError("fit_macenko needs at least one target image")
+    od = np.concatenate(chunks)
+    if od.shape[0] > MAX_FIT_PIXELS:
+        od = od[np.random.default_rng(0).choice(od.shape[0], MAX_FIT_PIXELS, replace=False)]
+    he = stain_vectors(od)
+    if he is None:
+        raise ValueError("the target images hold too few stained pixels to estimate stain vectors")
+    max_c = np.percentile(concentrations(od, he), 99, axis=1)
+    return {"target": {"stains": he, "max_concentration": max_c, "pixels": int(od.shape[0])}}
+
+
+def macenko(image: np.ndarray, *, stains: np.ndarray, max_concentration: np.ndarray) -> np.ndarray:
+    """Remix one (H, W, 3) uint8 RGB image with target ``stains`` (3, 2) and ``max_concentration`` (2,)."""
+    od = optical_density(image)
+    he = stain_vectors(od)
+    if he is None:
+        return image.copy()
+    c = concentrations(od, he)
+    src_max = np.percentile(c, 99, axis=1)
+    c *= (max_concentration / np.maximum(src_max, 1e-6))[:, None]
+    rgb = 256 * np.exp(-(stains @ c)) - 1
+    return np.clip(rgb.T + 0.5, 0, 255).astype(np.uint8).reshape(image.shape)
+
+
+class MacenkoNormaliser:
+    """``--normalise macenko:PROFILE.json``, profile from ``cellbatch normalise fit --method macenko``."""
+
+    name = "macenko"
+
+    def __init__(self, arg: str | None = None) -> None:
+        self.arg = arg
+        self.profile = read_profile(arg, method="macenko")
+        self.stains = self.profile.array("target", "stains", shape=(3, 2))
+        self.max_concentration = self.profile.array("target", "max_concentration", shape=(2,))
+
+    def __call__(self, crops: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
+        out = np.empty_like(crops)
+        for i in range(crops.shape[0]):
+            out[i] = macenko(crops[i], stains=self.stains, max_concentration=self.max_concentration)
+        return out
+
+    def provenance(self) -> dict[str, Any]:
+        return {"name": self.name, "arg": self.arg, "profile": self.profile.provenance()}
