@@ -1,23 +1,79 @@
-"""Find slides in the inputs and decode their captures.
+"""Find slides in the inputs and decode their captures, refusing bad input with a one-line reason.
 
-A slide is one leaf directory of capture files or one Zarr array (N, H, W, 3) uint8. Directories are
+A slide is one directory of capture files or one Zarr array (N, H, W, 3) uint8. Directories are
 walked recursively; a Zarr store (v2 or v3) is recognised by its metadata file and may be one array
 or a group of arrays, nested groups allowed.
+
+Every input problem ends as :class:`~cellbatch.errors.InputFormatError` or
+:class:`~cellbatch.errors.InputNotFoundError` with one line naming the file and the problem, or as a
+conversion recorded in :attr:`Capture.notes`. Image sizes are read from the file header before any
+pixel is decoded, so a header that claims a giant image costs nothing. ``docs/robustness.md`` holds the
+full decision table.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
+import math
 import os
-from collections.abc import Iterator
+import stat
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from cellbatch.errors import InputFormatError, InputNotFoundError
+from cellbatch.errors import CellbatchError, InputFormatError, InputNotFoundError
+
+if TYPE_CHECKING:
+    import zarr
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+
+NOTE_GRAYSCALE = "converted from grayscale"
+NOTE_ALPHA = "dropped alpha channel"
+NOTE_PALETTE = "converted from palette colours"
+NOTE_16BIT = "converted from 16-bit by keeping the high byte (value >> 8)"
+
+# A 16-bit image whose brightest value is below this holds at most 12-bit data (common for camera
+# sensors); keeping its high byte would leave values 0-15, a black image that silently finds no cells.
+_MIN_16BIT_PEAK = 4096
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Sizes a capture must have.
+
+    Parameters
+    ----------
+    min_side : int
+        Smallest accepted width and height in pixels; a white cell at 0.1 µm/px spans about 100 px,
+        so anything much smaller cannot hold one.
+    max_pixels : int
+        Largest accepted width x height. Checked from the file header before decoding, so a file
+        that claims 100000 x 100000 pixels is refused without allocating its pixels.
+    """
+
+    min_side: int = 32
+    max_pixels: int = 100_000_000
+
+
+DEFAULT_LIMITS = ReadLimits()
+
+
+class Capture(NamedTuple):
+    """One decoded capture: (H, W, 3) uint8 RGB and the conversions applied to get it.
+
+    ``notes`` is empty for a capture used as it is; otherwise each entry names one conversion
+    (e.g. ``"converted from grayscale"``) for the provenance record.
+    """
+
+    image: np.ndarray
+    notes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -27,6 +83,8 @@ class Slide:
     ``name`` is the slide's path relative to its input root (POSIX form; ``"."`` for the root
     itself); it names the slide's output folder. ``captures`` lists the capture files (directory
     slides) and is empty for Zarr slides, whose frames are read by index from ``array_path``.
+    A directory slide with no captures is a folder that could not be listed; :func:`validate_slide`
+    says why.
     """
 
     root: Path
@@ -38,90 +96,538 @@ class Slide:
 
 
 def is_image_file(path: Path) -> bool:
+    """Whether ``path`` has a capture file suffix (the content is checked only when it is read)."""
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def is_zarr_store(path: Path) -> bool:
+    """Whether ``path`` is a folder holding Zarr v2 or v3 metadata at its top."""
     return path.is_dir() and any((path / m).is_file() for m in ZARR_MARKERS)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode one capture file to (H, W, 3) uint8 RGB, or raise :class:`InputFormatError`."""
-    import imageio.v3 as iio
+# --- capture files -------------------------------------------------------------------------------
 
+
+def read_image(path: str | Path, *, limits: ReadLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decode one capture file to (H, W, 3) uint8 RGB; see :func:`read_capture` for the notes."""
+    return read_capture(path, limits=limits).image
+
+
+def read_capture(path: str | Path, *, limits: ReadLimits = DEFAULT_LIMITS) -> Capture:
+    """Decode one capture file (PNG, JPEG, BMP or TIFF, recognised by content) to RGB uint8.
+
+    Parameters
+    ----------
+    path : str or Path
+        The capture file. Symlinks are followed.
+    limits : ReadLimits
+        Accepted image sizes, checked from the header before decoding.
+
+    Returns
+    -------
+    Capture
+        ``image`` (H, W, 3) uint8 RGB and ``notes``, the conversions applied (grayscale, alpha,
+        palette, 16-bit).
+
+    Raises
+    ------
+    InputNotFoundError
+        The file or a symlink's target does not exist.
+    InputFormatError
+        Anything else that makes the file unusable, with a one-line reason.
+
+    Examples
+    --------
+    >>> capture = read_capture("slide1/cell_001.jpg")  # doctest: +SKIP
+    >>> capture.image.shape, capture.notes  # doctest: +SKIP
+    ((480, 640, 3), ())
+    """
     path = Path(path)
-    try:
-        image = iio.imread(path)
-    except FileNotFoundError as exc:
-        raise InputNotFoundError(f"{path} does not exist") from exc
-    except Exception as exc:  # decoders raise many types for corrupt files
-        raise InputFormatError(f"{path} could not be decoded as an image: {exc}") from exc
-    return as_rgb8(image, str(path))
+    where = str(path)
+    with _open_regular_file(path) as fh:
+        try:
+            head = fh.read(16)
+            kind = _sniff(head)
+            if kind is None:
+                raise InputFormatError(
+                    f"{where} is not a PNG, JPEG, BMP or TIFF image (it starts with {head[:8]!r}): "
+                    "remove it from the input or re-export it"
+                )
+            if kind == "TIFF":
+                image, notes = _decode_tiff(fh, where, limits)
+            else:
+                width, height, bits = _HEADER_READERS[kind](fh, where)
+                _check_size(width, height, where, limits)
+                image, notes = _decode_pillow(fh, kind, bits, where)
+        except CellbatchError:
+            raise
+        except (OSError, EOFError, struct.error) as exc:
+            raise InputFormatError(f"{where} could not be read: {_one_line(exc)}") from exc
+    rgb, more = _convert_to_rgb8(image, where)
+    return Capture(rgb, (*notes, *more))
+
+
+def convert_to_rgb8(image: np.ndarray, *, where: str = "image") -> Capture:
+    """Convert a decoded image to (H, W, 3) uint8 RGB, noting each conversion.
+
+    Accepts (H, W) or (H, W, 1) grayscale, (H, W, 2) grayscale + alpha, (H, W, 3) RGB and
+    (H, W, 4) RGBA, each uint8 or full-range uint16 (the high byte is kept).
+
+    Raises
+    ------
+    InputFormatError
+        Any other dtype or shape, or 16-bit data that uses only 12 bits or fewer.
+    """
+    rgb, notes = _convert_to_rgb8(image, where)
+    return Capture(rgb, tuple(notes))
 
 
 def as_rgb8(image: np.ndarray, where: str) -> np.ndarray:
-    """Return an (H, W, 3) uint8 RGB view of a decoded image, or raise :class:`InputFormatError`."""
-    if image.dtype != np.uint8:
-        raise InputFormatError(f"{where} has pixel type {image.dtype}, not 8-bit: convert it to 8-bit RGB")
-    if image.ndim == 3 and image.shape[2] == 4:
-        image = image[..., :3]
-    if image.ndim != 3 or image.shape[2] != 3:
+    """Return :func:`convert_to_rgb8`'s image only, for callers that keep no provenance."""
+    return convert_to_rgb8(image, where=where).image
+
+
+def _convert_to_rgb8(image: np.ndarray, where: str) -> tuple[np.ndarray, list[str]]:
+    notes: list[str] = []
+    if not image.dtype.isnative:  # Pillow gives big-endian arrays for "I;16B" images
+        image = image.astype(image.dtype.newbyteorder("="))
+    if image.dtype == np.uint16:
+        peak = int(image.max()) if image.size else 0
+        if peak < _MIN_16BIT_PEAK:
+            raise InputFormatError(_low_16bit_reason(where, peak))
+        image = (image >> 8).astype(np.uint8)
+        notes.append(NOTE_16BIT)
+    elif image.dtype != np.uint8:
+        raise InputFormatError(
+            f"{where} has pixel type {image.dtype}; captures must be 8-bit RGB: convert it to 8-bit"
+        )
+    if image.ndim == 2:
+        image = image[..., np.newaxis]
+    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
         raise InputFormatError(f"{where} has shape {image.shape}, not (H, W, 3) RGB")
-    return np.ascontiguousarray(image)
+    channels = image.shape[2]
+    if channels in (2, 4):
+        image = image[..., : channels - 1]
+        notes.append(NOTE_ALPHA)
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+        notes.append(NOTE_GRAYSCALE)
+    return np.ascontiguousarray(image), notes
+
+
+def _low_16bit_reason(where: str, peak: int) -> str:
+    return (
+        f"{where} is 16-bit but its brightest value is {peak} (at most 12-bit data): keeping the high "
+        "byte would make it black; convert it to 8-bit RGB with the right scaling"
+    )
+
+
+def _open_regular_file(path: Path) -> IO[bytes]:
+    # O_NONBLOCK: opening a FIFO named like a capture must not wait for a writer forever; it is
+    # refused below as not a regular file. fstat on the open descriptor avoids a check-then-open race.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as exc:
+        if path.is_symlink():
+            raise InputNotFoundError(
+                f"{path} is a broken symlink to {os.readlink(path)}: fix or remove the link"
+            ) from exc
+        raise InputNotFoundError(f"{path} does not exist") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputFormatError(f"{path} is a symlink loop: fix or remove the link") from exc
+        raise InputFormatError(f"{path} cannot be opened: {exc.strerror}") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise InputFormatError(f"{path} is not a regular file ({_file_kind(info.st_mode)}): remove it")
+    if info.st_size == 0:
+        os.close(fd)
+        raise InputFormatError(f"{path} is empty (0 bytes): re-export the capture")
+    return os.fdopen(fd, "rb")
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a plain file"
+
+
+def _sniff(head: bytes) -> str | None:
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    return None
+
+
+def _check_size(width: int, height: int, where: str, limits: ReadLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise InputFormatError(
+            f"{where} is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), above the "
+            f"{limits.max_pixels / 1e6:g} megapixel limit: captures are 640x480; crop or downscale it"
+        )
+    if min(width, height) < limits.min_side:
+        raise InputFormatError(
+            f"{where} is {width}x{height} pixels, too small for a cell "
+            f"(minimum {limits.min_side}x{limits.min_side})"
+        )
+
+
+def _png_header(fh: IO[bytes], where: str) -> tuple[int, int, int]:
+    fh.seek(8)
+    chunk = fh.read(25)
+    if len(chunk) < 25 or chunk[4:8] != b"IHDR":
+        raise InputFormatError(f"{where} is a truncated or damaged PNG (no IHDR header): re-export it")
+    width, height, bits = struct.unpack(">IIB", chunk[8:17])
+    return width, height, bits
+
+
+def _bmp_header(fh: IO[bytes], where: str) -> tuple[int, int, int]:
+    fh.seek(14)
+    dib = fh.read(12)
+    if len(dib) < 8:
+        raise InputFormatError(f"{where} is a truncated BMP (header cut short): re-export it")
+    (size,) = struct.unpack("<I", dib[:4])
+    if size == 12:  # OS/2 BITMAPCOREHEADER: 16-bit dimensions
+        width, height = struct.unpack("<HH", dib[4:8])
+    elif len(dib) == 12:
+        width, height = struct.unpack("<ii", dib[4:12])
+    else:
+        raise InputFormatError(f"{where} is a truncated BMP (header cut short): re-export it")
+    # a negative height marks a top-down bitmap
+    return abs(width), abs(height), 8
+
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8 and CC are not.
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+# markers without a length field
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def _jpeg_header(fh: IO[bytes], where: str) -> tuple[int, int, int]:
+    truncated = InputFormatError(f"{where} is a truncated or damaged JPEG (no frame header): re-export it")
+    fh.seek(2)
+    while True:
+        byte = fh.read(1)
+        if not byte:
+            raise truncated
+        if byte != b"\xff":
+            continue
+        marker = fh.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = fh.read(1)
+        if not marker:
+            raise truncated
+        code = marker[0]
+        if code in _JPEG_STANDALONE:
+            continue
+        if code in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            raise truncated
+        length_bytes = fh.read(2)
+        if len(length_bytes) < 2:
+            raise truncated
+        (length,) = struct.unpack(">H", length_bytes)
+        if code in _JPEG_SOF:
+            frame = fh.read(5)
+            if len(frame) < 5:
+                raise truncated
+            precision, height, width = struct.unpack(">BHH", frame)
+            if height == 0:
+                raise InputFormatError(
+                    f"{where} is a JPEG whose height is set only at the end (DNL marker), "
+                    "which is not supported: re-export it"
+                )
+            return width, height, precision
+        fh.seek(length - 2, os.SEEK_CUR)
+
+
+_HEADER_READERS = {"PNG": _png_header, "BMP": _bmp_header, "JPEG": _jpeg_header}
+
+# Pillow modes accepted as they are or converted by _convert_to_rgb8; every other mode (CMYK, YCbCr,
+# 1-bit, 32-bit integer, float) would be misread as RGB channels or is meaningless for a stained cell.
+_PILLOW_MODES = frozenset({"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def _decode_pillow(fh: IO[bytes], kind: str, bits: int, where: str) -> tuple[np.ndarray, list[str]]:
+    from PIL import Image
+
+    notes: list[str] = []
+    fh.seek(0)
+    try:
+        with Image.open(fh, formats=[kind]) as im:
+            if im.mode not in _PILLOW_MODES:
+                raise InputFormatError(
+                    f"{where} has colour mode {im.mode}; captures must be RGB: convert it to 8-bit RGB"
+                )
+            im.load()
+            if im.mode in ("P", "PA"):
+                transparent = im.mode == "PA" or "transparency" in im.info
+                converted = im.convert("RGBA" if transparent else "RGB")
+                notes.append(NOTE_PALETTE)
+                image = np.asarray(converted)
+            else:
+                image = np.asarray(im)
+    except CellbatchError:
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... for damaged files
+        raise InputFormatError(f"{where} is truncated or damaged ({_one_line(exc)}): re-export it") from exc
+    if kind == "PNG" and bits == 16 and image.dtype == np.uint8:
+        # Pillow already kept the high byte of 16-bit colour PNGs; apply the same rule as for
+        # uint16 arrays so a 12-bit image is refused rather than turned black.
+        peak = int(image.max()) << 8
+        if peak < _MIN_16BIT_PEAK:
+            raise InputFormatError(_low_16bit_reason(where, peak))
+        notes.append(NOTE_16BIT)
+    return image, notes
+
+
+def _decode_tiff(fh: IO[bytes], where: str, limits: ReadLimits) -> tuple[np.ndarray, list[str]]:
+    import tifffile
+
+    fh.seek(0, os.SEEK_END)
+    file_size = fh.tell()
+    fh.seek(0)
+    try:
+        with tifffile.TiffFile(fh, name=Path(where).name) as tif:
+            pages = len(tif.pages)
+            if pages != 1:
+                raise InputFormatError(
+                    f"{where} is a TIFF with {pages} pages; a capture is one image: save each page as a file"
+                )
+            page = tif.pages.first
+            _check_size(page.imagewidth, page.imagelength, where, limits)
+            if page.photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
+                raise InputFormatError(
+                    f"{where} is a TIFF with photometric {page.photometric.name}; captures must be RGB "
+                    "or grayscale: convert it to 8-bit RGB"
+                )
+            if page.dtype not in (np.uint8, np.uint16) or page.samplesperpixel > 4:
+                raise InputFormatError(
+                    f"{where} is a TIFF with {page.samplesperpixel} samples of type {page.dtype} per pixel; "
+                    "captures must be 8-bit RGB: convert it"
+                )
+            end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)), default=0)
+            if end > file_size:
+                raise InputFormatError(
+                    f"{where} is a truncated TIFF (pixel data ends at byte {end}, the file has "
+                    f"{file_size}): re-export it"
+                )
+            image = page.asarray()
+            if page.axes.startswith("S"):  # planar RGB: samples stored as separate planes
+                image = np.moveaxis(image, 0, -1)
+    except CellbatchError:
+        raise
+    except Exception as exc:  # tifffile raises TiffFileError, ValueError, KeyError, ... for bad files
+        raise InputFormatError(f"{where} is truncated or damaged ({_one_line(exc)}): re-export it") from exc
+    return image, []
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --- Zarr slides ---------------------------------------------------------------------------------
+
+
+def open_slide_array(slide: Slide) -> zarr.Array:
+    """Open a Zarr slide's array read-only (v2 or v3), or raise :class:`InputFormatError`."""
+    import zarr
+
+    where = _zarr_where(slide)
+    try:
+        return zarr.open_array(store=str(slide.store), path=slide.array_path, mode="r")
+    except Exception as exc:  # zarr raises many types for missing or corrupt metadata
+        raise InputFormatError(f"{where} is not a readable Zarr array ({_one_line(exc)})") from exc
+
+
+def validate_slide(slide: Slide, *, limits: ReadLimits = DEFAULT_LIMITS) -> None:
+    """Check a slide before any frame is read, raising one :class:`InputFormatError` for the slide.
+
+    A Zarr slide must be a readable (N, H, W, 3) uint8 array with N >= 1 and H, W within ``limits``.
+    A directory slide must list at least one capture; one that does not is a folder that could not
+    be read, and the error says why. Capture files themselves are checked when read.
+    """
+    if slide.kind == "dir":
+        if not slide.captures:
+            folder = slide.root / slide.name
+            try:
+                os.listdir(folder)
+            except OSError as exc:
+                raise InputFormatError(f"folder {folder} cannot be listed: {exc.strerror}") from exc
+            raise InputFormatError(f"folder {folder} holds no capture files")
+        return
+    array = open_slide_array(slide)
+    where = _zarr_where(slide)
+    if array.dtype != np.uint8:
+        raise InputFormatError(
+            f"{where} has dtype {array.dtype}; a slide array must be uint8 (N, H, W, 3): convert it"
+        )
+    if array.ndim != 4 or array.shape[3] != 3:
+        raise InputFormatError(f"{where} has shape {array.shape}; a slide array must be (N, H, W, 3) RGB")
+    frames, height, width, _ = array.shape
+    if frames == 0:
+        raise InputFormatError(f"{where} holds no frames (shape {array.shape})")
+    _check_size(width, height, f"{where} (each frame)", limits)
+
+
+def slide_frame_count(slide: Slide) -> int:
+    """Number of captures in a slide: capture files, or the first axis of a Zarr array."""
+    if slide.kind == "dir":
+        return len(slide.captures)
+    return int(open_slide_array(slide).shape[0])
+
+
+def read_frame(slide: Slide, index: int, *, limits: ReadLimits = DEFAULT_LIMITS) -> Capture:
+    """Read capture ``index`` of a slide: a capture file, or one frame of a Zarr array.
+
+    For a Zarr slide (checked by :func:`validate_slide` first), a frame whose chunk is absent from
+    the store is refused: zarr would silently return the fill value for it.
+
+    Raises
+    ------
+    IndexError
+        ``index`` is outside ``range(slide_frame_count(slide))``.
+    InputFormatError
+        The capture is unusable (see :func:`read_capture`), or a Zarr frame is missing or damaged.
+    """
+    if slide.kind == "dir":
+        return read_capture(slide.captures[index], limits=limits)
+    array = open_slide_array(slide)
+    count = array.shape[0]
+    if not 0 <= index < count:
+        raise IndexError(f"frame {index} outside 0..{count - 1} of {_zarr_where(slide)}")
+    where = f"{_zarr_where(slide)} frame {index}"
+    missing = _missing_chunk(array, index)
+    if missing is not None:
+        raise InputFormatError(
+            f"{where} is missing: chunk {missing!r} is absent from the store (copy incomplete?)"
+        )
+    try:
+        frame = np.asarray(array[index])
+    except Exception as exc:  # codecs raise many types for damaged chunk bytes
+        raise InputFormatError(f"{where} could not be decoded ({_one_line(exc)})") from exc
+    return Capture(frame, ())
+
+
+def _missing_chunk(array: zarr.Array, index: int) -> str | None:
+    """Store key of the first chunk (or shard) of frame ``index`` that is absent, else None."""
+    from zarr.core.sync import sync
+
+    grid = array.shards or array.chunks
+    counts = [math.ceil(size / step) for size, step in zip(array.shape[1:], grid[1:], strict=True)]
+    store = array.store_path.store
+    prefix = array.store_path.path
+    for rest in itertools.product(*(range(n) for n in counts)):
+        key = array.metadata.encode_chunk_key((index // grid[0], *rest))
+        full = f"{prefix}/{key}" if prefix else key
+        if not sync(store.exists(full)):
+            return full
+    return None
+
+
+def _zarr_where(slide: Slide) -> str:
+    return f"Zarr {slide.store}" + (f" array {slide.array_path!r}" if slide.array_path else "")
+
+
+# --- discovery -----------------------------------------------------------------------------------
+
+
+def _visible(name: str) -> bool:
+    # Hidden entries include macOS "._name.jpg" resource forks copied onto lab shares: not captures.
+    return not name.startswith(".")
 
 
 def iter_image_files(root: str | Path) -> Iterator[Path]:
-    """Capture files below ``root``, recursively, in sorted order."""
+    """Capture files below ``root``, recursively, in sorted order.
+
+    Hidden files and folders are skipped and folder symlinks are not followed, as in
+    :func:`discover_slides`.
+    """
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if is_image_file(path):
+            if _visible(name) and is_image_file(path):
                 yield path
 
 
-def discover_slides(src: str | Path) -> list[Slide]:
-    """Every slide below one SRC argument (a directory or a Zarr store), in sorted order."""
+def discover_slides(src: str | Path, *, exclude: Iterable[str | Path] = ()) -> list[Slide]:
+    """Every slide below one SRC argument (a directory or a Zarr store), sorted by name.
+
+    Parameters
+    ----------
+    src : str or Path
+        A folder of captures (searched recursively) or a Zarr store.
+    exclude : iterable of str or Path
+        Folders not to enter, e.g. the output folder when it lies inside SRC.
+
+    Notes
+    -----
+    Folder symlinks below SRC are not followed (SRC itself may be one): a link loop cannot hang
+    discovery and no slide is found twice. File symlinks are kept and checked when read. Hidden files
+    and folders are skipped. A Zarr store or folder that cannot be read still becomes a slide, which
+    :func:`validate_slide` then fails with the reason, so one bad slide does not stop the others.
+    """
     root = Path(src)
     if not root.exists():
         raise InputNotFoundError(f"input {root} does not exist: pass a folder of captures or a Zarr store")
     if is_zarr_store(root) or root.suffix == ".zarr":
-        return list(_zarr_slides(root))
+        return sorted(_zarr_slides(root, root, "."), key=lambda s: s.name)
     if not root.is_dir():
         raise InputFormatError(f"input {root} is neither a folder of captures nor a Zarr store")
+    excluded = {Path(p).resolve() for p in exclude}
     slides: list[Slide] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+
+    def unreadable(exc: OSError) -> None:
+        folder = Path(exc.filename)
+        slides.append(Slide(root, folder.relative_to(root).as_posix(), "dir"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         here = Path(dirpath)
-        for d in list(dirnames):
-            if is_zarr_store(here / d):
-                dirnames.remove(d)
-                for slide in _zarr_slides(here / d):
-                    rel = (here / d).relative_to(root).as_posix()
-                    name = rel if slide.name == "." else f"{rel}/{slide.name}"
-                    slides.append(Slide(root, name, "zarr", store=slide.store, array_path=slide.array_path))
-        captures = tuple(here / n for n in sorted(filenames) if is_image_file(here / n))
+        kept = []
+        for d in sorted(dirnames):
+            sub = here / d
+            if not _visible(d) or sub.is_symlink() or (excluded and sub.resolve() in excluded):
+                continue
+            if is_zarr_store(sub):
+                slides.extend(_zarr_slides(root, sub, sub.relative_to(root).as_posix()))
+            else:
+                kept.append(d)
+        dirnames[:] = kept
+        captures = tuple(here / n for n in sorted(filenames) if _visible(n) and is_image_file(here / n))
         if captures:
             slides.append(Slide(root, here.relative_to(root).as_posix(), "dir", captures=captures))
-    return slides
+    return sorted(slides, key=lambda s: s.name)
 
 
-def _zarr_slides(store: Path) -> Iterator[Slide]:
+def _zarr_slides(root: Path, store: Path, name: str) -> list[Slide]:
     import zarr
 
     try:
         node = zarr.open(store=str(store), mode="r")
-    except Exception as exc:
-        raise InputFormatError(f"{store} is not a readable Zarr store: {exc}") from exc
-    if isinstance(node, zarr.Array):
-        yield Slide(store, ".", "zarr", store=store, array_path="")
-        return
-    yield from _zarr_group_slides(store, node, "")
+        if isinstance(node, zarr.Array):
+            return [Slide(root, name, "zarr", store=store, array_path="")]
+        return list(_zarr_group_slides(root, store, node, name))
+    except Exception:  # validate_slide re-opens it and reports why
+        return [Slide(root, name, "zarr", store=store, array_path="")]
 
 
-def _zarr_group_slides(store: Path, group, prefix: str) -> Iterator[Slide]:
-    for name, _ in sorted(group.arrays(), key=lambda kv: kv[0]):
-        path = f"{prefix}{name}"
-        yield Slide(store, path, "zarr", store=store, array_path=path)
-    for name, sub in sorted(group.groups(), key=lambda kv: kv[0]):
-        yield from _zarr_group_slides(store, sub, f"{prefix}{name}/")
+def _zarr_group_slides(root: Path, store: Path, group: zarr.Group, name: str) -> Iterator[Slide]:
+    for key, _ in sorted(group.arrays(), key=lambda kv: kv[0]):
+        path = f"{group.path}/{key}" if group.path else key
+        slide_name = key if name == "." else f"{name}/{key}"
+        yield Slide(root, slide_name, "zarr", store=store, array_path=path)
+    for key, sub in sorted(group.groups(), key=lambda kv: kv[0]):
+        yield from _zarr_group_slides(root, store, sub, key if name == "." else f"{name}/{key}")
