@@ -1,0 +1,174 @@
+"""Confusion matrices of reference class x output class: counting, CSV and a PNG heat map.
+
+Rows are the class the classifier gives the reference cell, columns the class it gives the output cell,
+as in the thesis (appendix A, figure 35). Only checked cells are counted (a reference exists and the
+output class is confident enough), so the diagonal sum over the total is the agreement rate.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Heat-map geometry in pixels; big enough for three-digit counts in a cell.
+_CELL = 56
+_MARGIN = 12
+_FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX, spelled as a number so importing this module does not need cv2
+
+
+def confusion_counts(reference: np.ndarray, output: np.ndarray, *, n_classes: int) -> np.ndarray:
+    """Count (reference, output) class pairs into an (n_classes, n_classes) int64 matrix.
+
+    Parameters
+    ----------
+    reference, output : (N,) integer arrays
+        Class indices of the same N cells.
+    n_classes : int
+        Number of classes of the classifier.
+
+    Examples
+    --------
+    >>> confusion_counts(np.array([0, 0, 1]), np.array([0, 1, 1]), n_classes=2).tolist()
+    [[1, 1], [0, 1]]
+    """
+    flat = np.asarray(reference, dtype=np.int64) * n_classes + np.asarray(output, dtype=np.int64)
+    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def agreement_figures(matrix: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Overall and per-reference-class agreement of a confusion matrix.
+
+    Returns ``{"checked", "agreeing", "agreement", "per_class"}``; ``agreement`` is ``None`` when no cell
+    was checked, and ``per_class`` maps each class to ``{"checked", "agreeing", "agreement"}`` (the
+    thesis's "Correct (%)" column, as a fraction).
+    """
+    matrix = np.asarray(matrix, dtype=np.int64)
+    checked = int(matrix.sum())
+    agreeing = int(np.trace(matrix))
+    per_class = {}
+    for i, name in enumerate(classes):
+        row = int(matrix[i].sum())
+        diag = int(matrix[i, i])
+        per_class[name] = {"checked": row, "agreeing": diag, "agreement": diag / row if row else None}
+    return {
+        "checked": checked,
+        "agreeing": agreeing,
+        "agreement": agreeing / checked if checked else None,
+        "per_class": per_class,
+    }
+
+
+def write_confusion_csv(matrix: np.ndarray, classes: Sequence[str], path: str | Path) -> Path:
+    """Write the matrix as CSV: one row per reference class, one column per output class.
+
+    Each row ends with the cells ``checked`` and the row's ``agreement``; a last row ``all`` holds the
+    column sums and the overall agreement. Empty cells mean "no cell to rate".
+    """
+    matrix = np.asarray(matrix, dtype=np.int64)
+    figures = agreement_figures(matrix, classes)
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["reference\\output", *classes, "checked", "agreement"])
+        for i, name in enumerate(classes):
+            row = figures["per_class"][name]
+            writer.writerow([name, *matrix[i].tolist(), row["checked"], _fraction(row["agreement"])])
+        writer.writerow(
+            ["all", *matrix.sum(axis=0).tolist(), figures["checked"], _fraction(figures["agreement"])]
+        )
+    return path
+
+
+def render_confusion(matrix: np.ndarray, classes: Sequence[str], *, title: str = "") -> np.ndarray:
+    """Draw the matrix as an (H, W, 3) uint8 RGB heat map.
+
+    Colour is the row-normalised fraction (viridis), so a rare reference class shows its confusions as
+    clearly as a common one; each cell prints its count. Rows are reference classes, columns output
+    classes.
+    """
+    import cv2
+
+    matrix = np.asarray(matrix, dtype=np.int64)
+    k = len(classes)
+    scale, thick = 0.45, 1
+    label_w = max((cv2.getTextSize(c, _FONT, scale, thick)[0][0] for c in classes), default=0) + 2 * _MARGIN
+    title_h = 30 if title else 0
+    axis_h = 22
+    height = title_h + axis_h + label_w + k * _CELL + _MARGIN
+    width = axis_h + label_w + k * _CELL + _MARGIN
+    if title:
+        width = max(width, cv2.getTextSize(title, _FONT, 0.5, thick)[0][0] + 2 * _MARGIN)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    top, left = title_h + axis_h + label_w, axis_h + label_w
+
+    rows = matrix.sum(axis=1, keepdims=True)
+    fraction = np.divide(matrix, rows, out=np.zeros(matrix.shape, np.float64), where=rows > 0)
+    levels = np.round(fraction * 255).astype(np.uint8)
+    colours = cv2.applyColorMap(levels.reshape(k, k, 1), cv2.COLORMAP_VIRIDIS)[..., ::-1]  # BGR -> RGB
+    for i in range(k):
+        for j in range(k):
+            y, x = top + i * _CELL, left + j * _CELL
+            colour = tuple(int(c) for c in colours[i, j])
+            cv2.rectangle(canvas, (x, y), (x + _CELL - 1, y + _CELL - 1), colour, thickness=-1)
+            text = str(int(matrix[i, j]))
+            (tw, th), _ = cv2.getTextSize(text, _FONT, scale, thick)
+            ink = (0, 0, 0) if fraction[i, j] > 0.6 else (255, 255, 255)
+            cv2.putText(
+                canvas,
+                text,
+                (x + (_CELL - tw) // 2, y + (_CELL + th) // 2),
+                _FONT,
+                scale,
+                ink,
+                thick,
+                cv2.LINE_AA,
+            )
+    cv2.rectangle(canvas, (left - 1, top - 1), (left + k * _CELL, top + k * _CELL), (0, 0, 0), 1)
+
+    for i, name in enumerate(classes):
+        (tw, th), _ = cv2.getTextSize(name, _FONT, scale, thick)
+        y = top + i * _CELL + (_CELL + th) // 2
+        cv2.putText(canvas, name, (left - _MARGIN // 2 - tw, y), _FONT, scale, (0, 0, 0), thick, cv2.LINE_AA)
+    # Column labels are drawn horizontally on a strip that is then turned upright.
+    strip = np.full((k * _CELL, label_w, 3), 255, np.uint8)
+    for j, name in enumerate(classes):
+        (tw, th), _ = cv2.getTextSize(name, _FONT, scale, thick)
+        y = j * _CELL + (_CELL + th) // 2
+        cv2.putText(strip, name, (_MARGIN // 2, y), _FONT, scale, (0, 0, 0), thick, cv2.LINE_AA)
+    canvas[title_h + axis_h : top, left : left + k * _CELL] = np.rot90(strip, k=1)
+
+    _centred_text(canvas, "output class", (left + k * _CELL // 2, title_h + axis_h - 6), scale)
+    side = np.full((axis_h, k * _CELL, 3), 255, np.uint8)
+    _centred_text(side, "reference class", (k * _CELL // 2, axis_h - 6), scale)
+    canvas[top : top + k * _CELL, 0:axis_h] = np.rot90(side, k=1)
+    if title:
+        _centred_text(canvas, title, (width // 2, 20), 0.5)
+    return canvas
+
+
+def write_confusion_png(
+    matrix: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str = ""
+) -> Path:
+    """Render :func:`render_confusion` and write it as PNG."""
+    import cv2
+
+    path = Path(path)
+    image = render_confusion(matrix, classes, title=title)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1])):
+        raise OSError(f"could not write {path}")
+    return path
+
+
+def _centred_text(canvas: np.ndarray, text: str, centre: tuple[int, int], scale: float) -> None:
+    import cv2
+
+    (tw, _), _ = cv2.getTextSize(text, _FONT, scale, 1)
+    cv2.putText(canvas, text, (centre[0] - tw // 2, centre[1]), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+
+
+def _fraction(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"

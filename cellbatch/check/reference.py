@@ -1,0 +1,181 @@
+"""Reference cells for the agreement check: the same cell in a paired DM96 capture.
+
+The reference tree mirrors the input tree: a cell from capture ``source`` (frame ``frame``) has its
+reference in ``ROOT/source`` (frame ``frame``). The white cells of that capture are detected with the
+same detector as the run, the one nearest the input cell's centre is taken and cropped 256x256 the
+way the run crops (:func:`cellbatch.crop.crop_window`, padded with the capture's background colour).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellbatch.detect.base import Cell, Detector, DetectSettings
+from cellbatch.errors import CellbatchError, InputNotFoundError
+from cellbatch.read import as_rgb8, is_image_file, is_zarr_store, read_image
+
+CROP_SIZE = 256
+
+
+class ReferenceSource:
+    """Paired reference captures: a directory of capture files or a Zarr store.
+
+    Parameters
+    ----------
+    root
+        Folder or Zarr store laid out like the run's input root.
+    detector
+        Name in the ``cellbatch.detectors`` registry, or a detector instance.
+    cell_diameter
+        Expected white-cell diameter in pixels, passed to the detector.
+    max_offset
+        A detected reference cell further than this (pixels) from the input cell's centre is taken to
+        be another cell, and the reference is missing. Default: one cell diameter.
+    cache_size
+        Decoded and detected captures kept, so the cells of one capture cost one decode.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        detector: str | Detector,
+        cell_diameter: float,
+        max_offset: float | None = None,
+        cache_size: int = 8,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.exists():
+            raise InputNotFoundError(
+                f"reference {self.root} does not exist: pass the folder or Zarr store of paired DM96 captures"
+            )
+        if isinstance(detector, str):
+            from cellbatch.registry import detectors
+
+            self.detector_name = detector
+            self.detector: Detector = detectors.get(detector)(DetectSettings(cell_diameter=cell_diameter))
+        else:
+            self.detector_name = type(detector).__name__
+            self.detector = detector
+        self.cell_diameter = float(cell_diameter)
+        self.max_offset = float(cell_diameter if max_offset is None else max_offset)
+        self.cache_size = cache_size
+        self._captures: OrderedDict[
+            tuple[str, int], tuple[np.ndarray, tuple[Cell, ...], np.ndarray] | None
+        ] = OrderedDict()
+        self._arrays: dict[str, Any] = {}
+
+    def crops_for(self, rows: list[dict[str, Any]]) -> list[np.ndarray | None]:
+        """The reference crop of each row, (256, 256, 3) uint8, or ``None`` when there is none.
+
+        ``None`` means the reference capture is missing or unreadable, or no detected cell lies within
+        ``max_offset`` of the row's ``(cx, cy)``.
+        """
+        from cellbatch.crop import crop_window
+
+        crops: list[np.ndarray | None] = []
+        for row in rows:
+            capture = self._capture(str(row["source"]), int(row.get("frame") or 0))
+            if capture is None:
+                crops.append(None)
+                continue
+            image, cells, fill = capture
+            cell = self._nearest(cells, float(row["cx"]), float(row["cy"]))
+            if cell is None:
+                crops.append(None)
+                continue
+            crop, _ = crop_window(image, cell.cx, cell.cy, size=CROP_SIZE, fill=fill)
+            crops.append(crop)
+        return crops
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "detector": self.detector_name,
+            "cell_diameter": self.cell_diameter,
+            "max_offset": self.max_offset,
+        }
+
+    def _nearest(self, cells: tuple[Cell, ...], cx: float, cy: float) -> Cell | None:
+        best, best_d = None, self.max_offset
+        for cell in cells:
+            d = float(np.hypot(cell.cx - cx, cell.cy - cy))
+            if d <= best_d:
+                best, best_d = cell, d
+        return best
+
+    def _capture(self, source: str, frame: int) -> tuple[np.ndarray, tuple[Cell, ...], np.ndarray] | None:
+        from cellbatch.crop import background_colour
+
+        key = (source, frame)
+        if key in self._captures:
+            self._captures.move_to_end(key)
+            return self._captures[key]
+        try:
+            image = self._read(source, frame)
+        except CellbatchError:
+            image = None
+        if image is None:
+            entry = None
+        else:
+            detection = self.detector(image)
+            entry = (image, tuple(detection.cells), background_colour(image, detection.labels))
+        self._captures[key] = entry
+        while len(self._captures) > self.cache_size:
+            self._captures.popitem(last=False)
+        return entry
+
+    def _read(self, source: str, frame: int) -> np.ndarray | None:
+        path = self.root / source
+        if path.is_file() and is_image_file(path):
+            return read_image(path)
+        array = self._zarr_array(source)
+        if array is None or not 0 <= frame < array.shape[0]:
+            return None
+        return as_rgb8(np.asarray(array[frame]), f"{self.root}/{source} frame {frame}")
+
+    def _zarr_array(self, source: str) -> Any:
+        """The Zarr array holding ``source``'s frames, or ``None``.
+
+        ``source`` is ``<store>/<array path>`` relative to the input root, where the store may be the
+        root itself; a reference root that is itself a store also matches sources that start with the
+        input store's own name.
+        """
+        if source in self._arrays:
+            return self._arrays[source]
+        parts = [p for p in source.split("/") if p not in ("", ".")]
+        candidates: list[tuple[Path, str]] = []
+        if is_zarr_store(self.root):
+            candidates.append((self.root, "/".join(parts)))
+            if parts:
+                candidates.append((self.root, "/".join(parts[1:])))
+        for i in range(1, len(parts) + 1):
+            store = self.root.joinpath(*parts[:i])
+            if is_zarr_store(store):
+                candidates.append((store, "/".join(parts[i:])))
+        array = None
+        for store, inner in candidates:
+            array = _open_array(store, inner)
+            if array is not None:
+                break
+        self._arrays[source] = array
+        return array
+
+
+def _open_array(store: Path, inner: str) -> Any:
+    import zarr
+
+    try:
+        node = zarr.open(store=str(store), mode="r")
+        if inner:
+            node = node[inner]
+    except Exception:  # a missing path raises KeyError, FileNotFoundError or zarr's own errors
+        return None
+    # Anything but an (N, H, W, 3|4) array is not a capture stack: its cells count as no_reference.
+    if not isinstance(node, zarr.Array) or node.ndim != 4 or node.shape[-1] not in (3, 4):
+        return None
+    return node

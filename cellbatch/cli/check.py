@@ -1,0 +1,121 @@
+"""``cellbatch check OUT``: re-check an existing output with a classifier; the generator does not run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from cellbatch.cli.options import cell_diameter_option, detector_option, device_option, json_option
+
+
+@click.command()
+@click.argument("out_dir", metavar="OUT", type=click.Path(path_type=Path))
+@click.option(
+    "--classifier",
+    "classifier_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="CLF.pt",
+    help="TorchScript classifier, (N, 3, 256, 256) RGB in, logits out (`cellbatch classifier train`).",
+)
+@click.option(
+    "--classes",
+    default=None,
+    metavar="A,B,C",
+    help="Class names in output order, for a classifier file without cellbatch.json.",
+)
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="DIR_OR_ZARR",
+    help="Paired DM96 captures laid out like the run input (default: input crop = reference).",
+)
+@detector_option
+@cell_diameter_option
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    default=None,
+    metavar="RATE",
+    help="Flag slides whose agreement is below RATE (0.85 = 85%) as qc_failed; exit code 5 if any is.",
+)
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    metavar="P",
+    help="Cells whose output class has probability below P are 'unsure': counted, left out of the rate.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Crops per classifier call.",
+)
+@device_option
+@json_option
+def check(
+    out_dir: Path,
+    classifier_path: Path,
+    classes: str | None,
+    reference: Path | None,
+    detector: str,
+    cell_diameter: float,
+    min_agreement: float | None,
+    min_confidence: float,
+    batch_size: int,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Classify the input, output and reference crop of every cell in OUT and report agreement.
+
+    Rewrites the class_* / p_output / agree columns of each slide's cells.csv, its confusion.csv and
+    confusion.png, and the check figures in provenance.json and OUT/run.json. The figures equal those
+    of `cellbatch run --classifier` with the same options.
+    """
+    from cellbatch.check.agreement import AgreementCheck, CheckSettings, load_classifier
+    from cellbatch.check.recheck import recheck_output
+    from cellbatch.check.reference import ReferenceSource
+    from cellbatch.errors import ExitCode
+    from cellbatch.generate import resolve_device
+
+    device = resolve_device(device)
+    settings = CheckSettings(
+        min_confidence=min_confidence, min_agreement=min_agreement, batch_size=batch_size
+    )
+    model = load_classifier(classifier_path, classes=classes.split(",") if classes else None, device=device)
+    source = None
+    if reference is not None:
+        source = ReferenceSource(reference, detector=detector, cell_diameter=cell_diameter)
+    agreement = AgreementCheck(model, settings=settings, reference=source, device=device)
+    result = recheck_output(out_dir, agreement, command=["cellbatch", *sys.argv[1:]])
+
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for name, summary in result["slides_checked"].items():
+            click.echo(_line(name, summary))
+        click.echo(_line(f"all {result['slides']} slide(s)", result))
+    if result["qc_failed"]:
+        click.echo(
+            f"cellbatch: {len(result['qc_failed_slides'])} slide(s) below --min-agreement {min_agreement}: "
+            + ", ".join(result["qc_failed_slides"]),
+            err=True,
+        )
+        raise click.exceptions.Exit(ExitCode.QC_FAILED)
+
+
+def _line(name: str, summary: dict) -> str:
+    rate = "n/a" if summary["agreement"] is None else f"{summary['agreement']:.1%}"
+    flag = "  QC FAILED" if summary["qc_failed"] else ""
+    return (
+        f"{name}: agreement {rate} ({summary['agreeing']}/{summary['checked']} checked, "
+        f"{summary['unsure']} unsure, {summary['no_reference']} without reference, "
+        f"{summary['cells']} cells){flag}"
+    )
