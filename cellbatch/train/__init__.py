@@ -1,1 +1,1 @@
-"""Training: paired data, generator setups and their losses."""
+"""Training the generator: the four setups of the thesis, data, losses, the loop and its run folder."""

@@ -1,0 +1,176 @@
+"""Export a generator as a TorchScript model file (contract: DESIGN.md "Model files").
+
+The module is traced and frozen in eval mode rather than scripted: a traced graph holds only plain
+aten operators (a scripted ``F.interpolate`` drags in Python-level control flow that older torch
+releases cannot load), and freezing folds batch norm into the convolutions and inlines the weights.
+Because every upsampling is by scale factor, the traced graph is shape-generic; :func:`export_generator`
+checks that on sizes other than the trace size before writing anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cellbatch.errors import InputNotFoundError, ModelError
+from cellbatch.modelfile import save_model
+from cellbatch.models.generator import ARCHITECTURE, TILE_MULTIPLE, UNetGenerator, count_parameters
+from cellbatch.train.checkpoint import (
+    SETTINGS_NAME,
+    VALIDATION_NAME,
+    latest_checkpoint,
+    load_checkpoint,
+    read_json,
+)
+
+TRACE_SIZE = 256
+CHECK_SIZES = (128, 384)
+# Freezing folds batch norm into the convolutions, which reorders float32 sums; anything past this
+# is a wrong graph, not rounding.
+CHECK_ATOL = 1e-3
+
+
+def trace_generator(generator: torch.nn.Module, *, size: int = TRACE_SIZE) -> torch.jit.ScriptModule:
+    """Trace ``generator`` on a (1, 3, size, size) input in eval mode and freeze the result."""
+    generator = generator.eval().cpu()
+    example = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        traced = torch.jit.trace(generator, example, check_trace=False)
+    return torch.jit.freeze(traced.eval())
+
+
+def check_traced(
+    traced: torch.jit.ScriptModule,
+    generator: torch.nn.Module,
+    *,
+    sizes: Sequence[int] = CHECK_SIZES,
+    seed: int = 0,
+) -> float:
+    """Largest difference between traced and eager outputs over square inputs of ``sizes``.
+
+    Raises :class:`ModelError` when the traced graph gives a wrong shape or values at any size.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    generator = generator.eval().cpu()
+    for size in sizes:
+        x = torch.rand(2, 3, size, size, generator=gen) * 2 - 1
+        with torch.no_grad():
+            want = generator(x)
+            got = traced(x)
+        if got.shape != want.shape:
+            raise ModelError(f"traced generator gives shape {tuple(got.shape)} for a {size}x{size} input")
+        diff = float((got - want).abs().max())
+        if not diff <= CHECK_ATOL:
+            raise ModelError(f"traced generator differs from the network by {diff:.3g} at {size}x{size}")
+        worst = max(worst, diff)
+    return worst
+
+
+def generator_metadata(
+    generator: UNetGenerator,
+    *,
+    trained: bool,
+    setup: str | None = None,
+    steps: int | None = None,
+    data_sha256: str | None = None,
+    validation: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The ``cellbatch.json`` of a generator file."""
+    return {
+        "kind": "generator",
+        "input_range": [-1, 1],
+        "output_range": [-1, 1],
+        "tile_multiple": TILE_MULTIPLE,
+        "architecture": ARCHITECTURE,
+        "base_filters": generator.base_filters,
+        "parameters": count_parameters(generator),
+        "trained": trained,
+        "setup": setup,
+        "steps": steps,
+        "data_sha256": data_sha256,
+        "validation": dict(validation) if validation is not None else None,
+        "torch_version": torch.__version__,
+        **extra,
+    }
+
+
+def export_generator(
+    generator: UNetGenerator,
+    path: str | Path,
+    *,
+    metadata: Mapping[str, Any],
+    trace_size: int = TRACE_SIZE,
+    check_sizes: Sequence[int] = CHECK_SIZES,
+) -> Path:
+    """Trace, freeze, check at other sizes and save ``generator`` with ``metadata``.
+
+    Examples
+    --------
+    >>> g = untrained_generator(base_filters=4, seed=0)
+    >>> export_generator(g, "g.pt", metadata=generator_metadata(g, trained=False))  # doctest: +SKIP
+    """
+    traced = trace_generator(generator, size=trace_size)
+    worst = check_traced(traced, generator, sizes=check_sizes)
+    trace = {"size": trace_size, "checked_sizes": list(check_sizes), "max_abs_diff": worst}
+    meta = {**metadata, "trace": trace}
+    return save_model(traced, path, meta)
+
+
+def untrained_generator(*, base_filters: int, seed: int) -> UNetGenerator:
+    """A freshly initialised generator, reproducible from ``seed`` (for tests and pipeline checks)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNetGenerator(base_filters=base_filters).eval()
+
+
+def generator_from_state_dict(path: str | Path, *, base_filters: int | None = None) -> UNetGenerator:
+    """A generator from a ``torch.save(generator.state_dict())`` file; the width is read from it."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise InputNotFoundError(f"state dict {path} does not exist") from exc
+    except Exception as exc:  # torch.load raises many types for foreign files
+        raise ModelError(
+            f"{path} is not a torch state dict ({type(exc).__name__}): save generator.state_dict()"
+        ) from exc
+    first = state.get("encoders.0.conv.weight") if isinstance(state, dict) else None
+    if first is None:
+        raise ModelError(f"{path} is not a cellbatch U-Net generator state dict (no encoders.0.conv.weight)")
+    width = int(first.shape[0])
+    if base_filters is not None and base_filters != width:
+        raise ModelError(
+            f"{path} holds a generator with base_filters {width}, not {base_filters}: drop --base-filters"
+        )
+    generator = UNetGenerator(base_filters=width)
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"{path} does not fit the U-Net generator: {str(exc).splitlines()[0]}") from exc
+    return generator.eval()
+
+
+def generator_from_run(run: str | Path) -> tuple[UNetGenerator, dict[str, Any]]:
+    """The source->target generator G of a training run's newest checkpoint, with its metadata."""
+    run = Path(run)
+    path = latest_checkpoint(run)
+    state = load_checkpoint(path)
+    settings = read_json(run / SETTINGS_NAME) or state.get("settings", {})
+    generator = UNetGenerator(base_filters=int(settings["base_filters"]))
+    generator.load_state_dict(state["models"]["G"])
+    validation = read_json(run / VALIDATION_NAME)
+    meta = generator_metadata(
+        generator,
+        trained=True,
+        setup=settings.get("setup"),
+        steps=int(state["step"]),
+        data_sha256=settings.get("data_sha256"),
+        validation=validation,
+        training=settings,
+    )
+    return generator.eval(), meta

@@ -1,0 +1,378 @@
+"""The training loop: settings, checkpoints and resume, validation, metrics.
+
+``train(settings, run)`` trains one setup on a pairs folder and writes the run folder described in
+:mod:`cellbatch.train.checkpoint`. A checkpoint holds the step, the networks, the optimiser states
+and the random-number states, so ``resume=True`` continues the same sequence of batches: training
+N steps at once and training in two parts give the same weights on the same machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellbatch.errors import ConfigError
+from cellbatch.generate import device_name, resolve_device
+from cellbatch.models.generator import TILE_MULTIPLE
+from cellbatch.models.vgg import load_vgg16
+from cellbatch.train import metrics
+from cellbatch.train.checkpoint import (
+    METRICS_NAME,
+    SETTINGS_NAME,
+    VALIDATION_NAME,
+    list_checkpoints,
+    load_checkpoint,
+    read_json,
+    save_checkpoint,
+    write_json,
+)
+from cellbatch.train.data import (
+    AugmentSettings,
+    PairSet,
+    augment,
+    read_pairs,
+    read_unpaired,
+    sample_unpaired,
+    split_indices,
+)
+from cellbatch.train.setups import CYCLIC, DEFAULT_BATCH, SETUP_CLASSES, SETUPS, Batch, Setup, resolve_weights
+
+VALIDATION_BATCH = 8
+# Settings that may change between a run and its resumption (everything else must match).
+RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints"})
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that defines a training run (written to ``RUN/settings.json``)."""
+
+    setup: str
+    pairs: str
+    steps: int = 50_000
+    batch_size: int = 0  # 0: the setup's batch size from appendix A
+    lr: float = 2e-4
+    weights: Mapping[str, float] = field(default_factory=dict)
+    base_filters: int = 32
+    disc_base_filters: int = 0  # 0: twice base_filters
+    seed: int = 0
+    bf16: bool = False
+    rotate: bool = True
+    intensity: bool = True
+    crop: int | None = None
+    val_fraction: float = 0.1
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    vgg_weights: str | None = None
+    vgg_random: bool = False
+    classifier: str | None = None
+    unpaired_source: str | None = None
+    unpaired_target: str | None = None
+
+
+def resolve_settings(settings: TrainSettings) -> TrainSettings:
+    """Fill the setup's defaults (batch size, loss weights) and check options against each other."""
+    s = settings
+    if s.setup not in SETUPS:
+        raise ConfigError(f"--setup {s.setup} is unknown: use one of {', '.join(SETUPS)}")
+    batch = s.batch_size or DEFAULT_BATCH[s.setup]
+    # Batch norm in the innermost block sees one value per channel per image at 128x128.
+    if batch < 2:
+        raise ConfigError(f"--batch-size {batch} is too small: batch norm needs at least 2")
+    if s.steps < 1 or s.checkpoint_every < 1 or s.keep_checkpoints < 1:
+        raise ConfigError("--steps, --checkpoint-every and the number of kept checkpoints must be at least 1")
+    if s.crop is not None and (s.crop < TILE_MULTIPLE or s.crop % TILE_MULTIPLE):
+        raise ConfigError(f"--crop {s.crop} is not a multiple of {TILE_MULTIPLE}: use 128 or 256")
+    if not 0 < s.val_fraction < 1:
+        raise ConfigError(f"--val-fraction {s.val_fraction} must lie between 0 and 1")
+    if s.setup == "pcnet":
+        if s.vgg_weights is None and not s.vgg_random:
+            raise ConfigError(
+                "pcnet needs VGG-16 weights: pass --vgg-weights FILE (a torchvision vgg16 state dict); "
+                "--vgg-random is for tests only"
+            )
+        if s.vgg_weights is not None and s.vgg_random:
+            raise ConfigError("--vgg-weights and --vgg-random exclude each other: pass one")
+    elif s.vgg_weights is not None or s.vgg_random:
+        raise ConfigError(f"--vgg-weights and --vgg-random apply to pcnet only, not {s.setup}")
+    if (s.unpaired_source is None) != (s.unpaired_target is None):
+        raise ConfigError("--unpaired-source and --unpaired-target go together: pass both or neither")
+    if s.unpaired_source is not None and s.setup not in CYCLIC:
+        raise ConfigError(f"unpaired folders feed the cycle terms of ccgan and pcnet, not {s.setup}")
+    return TrainSettings(
+        **{
+            **asdict(s),
+            "batch_size": batch,
+            "weights": resolve_weights(s.setup, s.weights),
+            "disc_base_filters": s.disc_base_filters or 2 * s.base_filters,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished (or resumed-and-finished) run reports."""
+
+    run: Path
+    step: int
+    seconds: float
+    steps_per_s: float
+    baseline: dict[str, float]
+    validation: dict[str, float]
+
+
+def _check_resume(stored: Mapping[str, Any], settings: TrainSettings, data_sha256: str) -> None:
+    current = asdict(settings)
+    for key, value in stored.items():
+        if key in RESUMABLE_CHANGES or key == "data_sha256" or key not in current:
+            continue
+        if current[key] != value:
+            raise ConfigError(
+                f"--resume: {key} was {value!r} when the run started, now {current[key]!r}: "
+                "pass the same options, or start a new --out"
+            )
+    if stored.get("data_sha256") != data_sha256:
+        raise ConfigError("--resume: the pairs folder changed since the run started: start a new --out")
+
+
+class _MetricsLog:
+    """``metrics.csv`` (and TensorBoard when installed), cut back to the resumed step."""
+
+    def __init__(self, run: Path, start_step: int) -> None:
+        self.path = run / METRICS_NAME
+        self.rows: list[dict[str, Any]] = []
+        if self.path.is_file():
+            with open(self.path, newline="") as fh:
+                self.rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= start_step]
+        self.tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # TensorBoard is optional: metrics.csv holds the same figures
+            pass
+        else:
+            self.tensorboard = SummaryWriter(str(run / "tensorboard"), purge_step=start_step + 1)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, row["step"])
+            self.tensorboard.flush()
+
+
+class _Sampler:
+    """Draws the augmented batches of one step from the training pairs (and unpaired folders)."""
+
+    def __init__(self, settings: TrainSettings, pairs: PairSet, train_idx: np.ndarray) -> None:
+        self.settings = settings
+        self.pairs = pairs
+        self.train_idx = train_idx
+        self.size = settings.crop or pairs.source.shape[1]
+        self.crop_aug = AugmentSettings(settings.rotate, settings.intensity, settings.crop)
+        self.plain_aug = AugmentSettings(settings.rotate, settings.intensity, None)
+        self.unpaired = None
+        if settings.unpaired_source is not None and settings.unpaired_target is not None:
+            self.unpaired = (
+                read_unpaired(settings.unpaired_source, min_size=self.size),
+                read_unpaired(settings.unpaired_target, min_size=self.size),
+            )
+
+    def _indices(self, rng: np.random.Generator) -> np.ndarray:
+        n = self.settings.batch_size
+        return rng.choice(self.train_idx, size=n, replace=len(self.train_idx) < n)
+
+    def batch(self, rng: np.random.Generator, device: torch.device) -> Batch:
+        idx = self._indices(rng)
+        x_p, y_p = augment([self.pairs.source[idx], self.pairs.target[idx]], rng=rng, settings=self.crop_aug)
+        x = y = None
+        if self.settings.setup in CYCLIC:
+            n = self.settings.batch_size
+            if self.unpaired is not None:
+                xs = sample_unpaired(self.unpaired[0], n, self.size, rng=rng)
+                ys = sample_unpaired(self.unpaired[1], n, self.size, rng=rng)
+                (x,) = augment([xs], rng=rng, settings=self.plain_aug)
+                (y,) = augment([ys], rng=rng, settings=self.plain_aug)
+            else:
+                # Without unpaired folders, the pairs drawn independently serve as unpaired images.
+                (x,) = augment([self.pairs.source[self._indices(rng)]], rng=rng, settings=self.crop_aug)
+                (y,) = augment([self.pairs.target[self._indices(rng)]], rng=rng, settings=self.crop_aug)
+        move = (lambda t: t.to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
+        return Batch(
+            x_p=move(x_p), y_p=move(y_p), x=None if x is None else move(x), y=None if y is None else move(y)
+        )
+
+
+def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    state: dict[str, Any] = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(rng: np.random.Generator, state: Mapping[str, Any]) -> None:
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(
+    settings: TrainSettings,
+    run: str | Path,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``settings.setup`` on ``settings.pairs`` and write the run folder ``run``.
+
+    Parameters
+    ----------
+    settings : TrainSettings
+        Resolved here with :func:`resolve_settings`.
+    run : str or Path
+        The run folder. Without ``resume`` it must not hold checkpoints already.
+    device : str
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    resume : bool
+        Continue from the newest checkpoint (a run without one starts from step 0).
+    progress : bool
+        Show a progress bar (only when stderr is a terminal).
+    """
+    from tqdm import tqdm
+
+    settings = resolve_settings(settings)
+    run = Path(run)
+    dev = torch.device(resolve_device(device))
+    checkpoints = list_checkpoints(run)
+    if checkpoints and not resume:
+        raise ConfigError(
+            f"{run} already holds a training run: pass --resume to continue it, or another --out"
+        )
+
+    pairs = read_pairs(settings.pairs)
+    size = pairs.source.shape[1:3]
+    if size[0] % TILE_MULTIPLE or size[1] % TILE_MULTIPLE:
+        raise ConfigError(
+            f"pairs in {settings.pairs} are {size[1]}x{size[0]}: sides must be multiples of {TILE_MULTIPLE}"
+        )
+    if settings.crop is not None and settings.crop > min(size):
+        raise ConfigError(f"--crop {settings.crop} is larger than the {size[1]}x{size[0]} pairs")
+    train_idx, val_idx = split_indices(
+        len(pairs.names), val_fraction=settings.val_fraction, seed=settings.seed
+    )
+
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    vgg = None
+    if settings.setup == "pcnet":
+        vgg = load_vgg16(None if settings.vgg_random else settings.vgg_weights, seed=settings.seed)
+    setup: Setup = SETUP_CLASSES[settings.setup](
+        weights=settings.weights,
+        base_filters=settings.base_filters,
+        disc_base_filters=settings.disc_base_filters,
+        lr=settings.lr,
+        device=dev,
+        bf16=settings.bf16,
+        vgg=vgg,
+    )
+    start_step, elapsed = 0, 0.0
+    if checkpoints:
+        state = load_checkpoint(checkpoints[-1][1])
+        _check_resume(read_json(run / SETTINGS_NAME) or state["settings"], settings, pairs.sha256)
+        setup.load_state_dict(state)
+        _set_rng_state(rng, state["rng"])
+        start_step, elapsed = int(state["step"]), float(state["elapsed_s"])
+
+    run.mkdir(parents=True, exist_ok=True)
+    stored_settings = {**asdict(settings), "data_sha256": pairs.sha256}
+    write_json(run / SETTINGS_NAME, stored_settings)
+    classify = metrics.classifier_labels(settings.classifier, device=dev) if settings.classifier else None
+    val_source, val_target = pairs.source[val_idx], pairs.target[val_idx]
+    record = read_json(run / VALIDATION_NAME) or {}
+    if "input" not in record:
+        record = {
+            "pairs": len(val_idx),
+            "val_names": [pairs.names[i] for i in val_idx],
+            "input": metrics.figures(val_source, val_target, classify),
+        }
+        write_json(run / VALIDATION_NAME, record)
+
+    sampler = _Sampler(settings, pairs, train_idx)
+    log = _MetricsLog(run, start_step)
+    sums: dict[str, torch.Tensor] = {}
+    interval_start, interval_steps = time.perf_counter(), 0
+    bar = tqdm(
+        total=settings.steps,
+        initial=start_step,
+        unit="step",
+        disable=not progress or not sys.stderr.isatty(),
+        desc=settings.setup,
+    )
+    step = start_step
+    with bar:
+        for step in range(start_step + 1, settings.steps + 1):
+            terms = setup.step(sampler.batch(rng, dev))
+            for key, value in terms.items():
+                sums[key] = sums[key] + value if key in sums else value
+            interval_steps += 1
+            bar.update(1)
+            if not bar.disable and step % 25 == 0:  # reading a loss waits for the device: not every step
+                bar.set_postfix(total=f"{float(terms['total']):.3f}", refresh=False)
+            if step % settings.checkpoint_every and step != settings.steps:
+                continue
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)  # so the interval's time includes its queued GPU work
+            seconds = time.perf_counter() - interval_start
+            elapsed += seconds
+            generated = metrics.generate(setup.generator, val_source, device=dev, batch_size=VALIDATION_BATCH)
+            figures = metrics.figures(generated, val_target, classify)
+            log.add(
+                {
+                    "step": step,
+                    "elapsed_s": round(elapsed, 3),
+                    "steps_per_s": round(interval_steps / seconds, 4),
+                    **{f"loss_{k}": round(float(v) / interval_steps, 6) for k, v in sums.items()},
+                    **{f"val_{k}": round(v, 6) for k, v in figures.items()},
+                }
+            )
+            record = {**record, "step": step, "generated": figures}
+            write_json(run / VALIDATION_NAME, record)
+            save_checkpoint(
+                {
+                    "step": step,
+                    "elapsed_s": elapsed,
+                    "settings": stored_settings,
+                    "device": device_name(str(dev)),
+                    **setup.state_dict(),
+                    "rng": _rng_state(rng),
+                },
+                run,
+                step,
+                keep=settings.keep_checkpoints,
+            )
+            sums, interval_steps = {}, 0
+            interval_start = time.perf_counter()
+    return TrainResult(
+        run=run,
+        step=step,
+        seconds=elapsed,
+        steps_per_s=step / elapsed if elapsed else 0.0,
+        baseline=record["input"],
+        validation=record.get("generated", {}),
+    )

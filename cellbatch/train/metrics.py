@@ -1,0 +1,74 @@
+"""Validation figures: l1, PSNR, SSIM, CIEDE2000 colour difference and classifier agreement.
+
+All figures compare uint8 RGB images (N, Y, X, 3), the generated ones rounded as the pipeline writes
+them. ``l1`` is the mean absolute difference on the [0, 1] scale; ``delta_e`` the mean CIEDE2000
+difference per pixel (CIELAB, D65); ``agreement`` the share of cells the classifier puts in the same
+class for the image and for its target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from skimage.color import deltaE_ciede2000, rgb2lab
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from cellbatch.train.data import to_tensor, to_uint8
+
+Classify = Callable[[np.ndarray], np.ndarray]
+
+
+def image_metrics(images: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Mean l1, PSNR (dB), SSIM and CIEDE2000 ΔE of uint8 (N, Y, X, 3) ``images`` against ``targets``."""
+    a = images.astype(np.float64) / 255.0
+    b = targets.astype(np.float64) / 255.0
+    psnr, ssim, delta_e = [], [], []
+    for img, tgt in zip(a, b, strict=True):
+        psnr.append(peak_signal_noise_ratio(tgt, img, data_range=1.0))
+        ssim.append(structural_similarity(tgt, img, data_range=1.0, channel_axis=-1))
+        delta_e.append(float(deltaE_ciede2000(rgb2lab(tgt), rgb2lab(img)).mean()))
+    return {
+        "l1": float(np.abs(a - b).mean()),
+        "psnr": float(np.mean(psnr)),
+        "ssim": float(np.mean(ssim)),
+        "delta_e": float(np.mean(delta_e)),
+    }
+
+
+def classifier_labels(path: str, *, device: torch.device) -> Classify:
+    """A function giving the class index of each uint8 (N, 256, 256, 3) image, from a classifier file."""
+    from cellbatch.modelfile import load_model
+
+    model = load_model(path, kind="classifier", device=str(device)).module
+
+    def classify(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255.0)
+        with torch.no_grad():
+            return model(x.to(device)).argmax(dim=1).cpu().numpy()
+
+    return classify
+
+
+def figures(images: np.ndarray, targets: np.ndarray, classify: Classify | None) -> dict[str, float]:
+    """:func:`image_metrics`, plus ``agreement`` when a classifier is given."""
+    result = image_metrics(images, targets)
+    if classify is not None:
+        result["agreement"] = float((classify(images) == classify(targets)).mean())
+    return result
+
+
+def generate(
+    generator: torch.nn.Module, source: np.ndarray, *, device: torch.device, batch_size: int
+) -> np.ndarray:
+    """Run ``generator`` (eval mode, no gradients) over uint8 images; uint8 results."""
+    was_training = generator.training
+    generator.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(source), batch_size):
+            x = to_tensor(source[start : start + batch_size]).to(device)
+            out.append(to_uint8(generator(x)))
+    generator.train(was_training)
+    return np.concatenate(out)
