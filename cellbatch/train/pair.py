@@ -44,7 +44,7 @@ import numpy as np
 from cellbatch.crop import background_colour, crop_window_origin
 from cellbatch.detect.base import NUCLEUS, Detection
 from cellbatch.errors import ConfigError, InputFormatError, OutputError
-from cellbatch.read import read_image
+from cellbatch.read import Slide, read_frame, read_image
 
 ImageSource = np.ndarray | Path | Callable[[], np.ndarray]
 """A capture: an (H, W, 3) uint8 RGB array, a file to read, or a callable that returns the array."""
@@ -94,7 +94,7 @@ class PairSettings:
     """
 
     cell_diameter: float = 110.0
-    min_score: float = 0.6
+    min_score: float = 0.7
     match: Literal["auto", "name", "template"] = "auto"
     transform: Literal["similarity", "affine"] = "similarity"
     min_inliers: int = 8
@@ -253,7 +253,7 @@ def iter_pairs(
         target_cells = _detect_all(target, detector, d, as_template=False, bar=bar)
 
     groups = _candidate_groups(list(source), list(target), settings.match)
-    assigned, source_reasons = _assign(source_cells, target_cells, groups, settings.min_score, d)
+    assigned, source_reasons, target_best = _assign(source_cells, target_cells, groups, settings.min_score, d)
 
     jobs_of: dict[str, list[_Job]] = defaultdict(list)
     for job in assigned:
@@ -285,7 +285,16 @@ def iter_pairs(
     for name, cells in target_cells.items():
         for cell in cells:
             if (name, cell.index) not in used_targets:
-                reason, best = target_reasons.get((name, cell.index), ("no source cell matched it", math.nan))
+                key = (name, cell.index)
+                best = target_best.get(key, math.nan)
+                if key in target_reasons:
+                    reason, best = target_reasons[key]
+                elif math.isnan(best):
+                    reason = "no source cell was compared with it"
+                elif best < settings.min_score:
+                    reason = f"best nucleus template score {best:.2f} < --min-score {settings.min_score:g}"
+                else:
+                    reason = "its matching source cells went to better-scoring target cells"
                 yield _unmatched("target", cell, reason, best)
 
 
@@ -515,25 +524,30 @@ UNMATCHED_COLUMNS = ("side", "capture", "cell", "cx", "cy", "best_score", "reaso
 def capture_sources(root: str | Path) -> dict[str, ImageSource]:
     """Name -> loader for every capture below ``root`` (a folder, searched recursively, or a Zarr store).
 
-    Files are named by their path relative to ``root``; Zarr frames as ``<slide>/<frame index>``.
+    Files are named by their path relative to ``root``; Zarr frames as ``<slide>/<frame index>``
+    (zero-padded to six digits), so two stores of the same layout match by name.
     """
     from functools import partial
 
-    from cellbatch.read import discover_slides
+    from cellbatch.read import discover_slides, slide_frame_count, validate_slide
 
     captures: dict[str, ImageSource] = {}
     for slide in discover_slides(root):
+        validate_slide(slide)
         if slide.kind == "dir":
             for path in slide.captures:
                 captures[path.relative_to(slide.root).as_posix()] = path
             continue
-        n = _zarr_frames(slide.store, slide.array_path)
         prefix = "" if slide.name == "." else f"{slide.name}/"
-        for i in range(n):
-            captures[f"{prefix}{i:06d}"] = partial(_zarr_frame, slide.store, slide.array_path, i)
+        for i in range(slide_frame_count(slide)):
+            captures[f"{prefix}{i:06d}"] = partial(_frame, slide, i)
     if not captures:
         raise InputFormatError(f"no captures found in {root}: pass a folder of image files or a Zarr store")
     return captures
+
+
+def _frame(slide: Slide, index: int) -> np.ndarray:
+    return read_frame(slide, index).image
 
 
 # --- detection and matching -------------------------------------------------------------------------
@@ -639,13 +653,15 @@ def _assign(
     groups: list[tuple[list[str], list[str], str]],
     min_score: float,
     d: float,
-) -> tuple[list[_Job], dict[tuple[str, int], tuple[str, float]]]:
+) -> tuple[list[_Job], dict[tuple[str, int], tuple[str, float]], dict[tuple[str, int], float]]:
     """Assign source cells to target cells, best template score first, within each group.
 
-    Returns the assignments and, for each unassigned source cell, the reason and its best score.
+    Returns the assignments, the reason and best score of each unassigned source cell, and the best
+    score each compared target cell got.
     """
     jobs: list[_Job] = []
     reasons: dict[tuple[str, int], tuple[str, float]] = {}
+    target_best: dict[tuple[str, int], float] = {}
     to_capture_px = d / _TEMPLATE_CELL_PX
     for src_names, tgt_names, how in groups:
         candidates = [t for name in tgt_names for t in target_cells[name]]
@@ -660,6 +676,8 @@ def _assign(
                     continue
                 score, dx, dy = _template_score(s.nucleus, t.nucleus)
                 best = max(best, score)
+                t_key = (t.capture, t.index)
+                target_best[t_key] = max(target_best.get(t_key, -1.0), score)
                 if score >= min_score:
                     # The template's offset in the search window says where the source cell sits in
                     # the target capture; it centres the SIFT gate.
@@ -691,7 +709,7 @@ def _assign(
             else:
                 reason = "its matching target cells went to better-scoring source cells"
             reasons[key] = (reason, best if math.isfinite(best) else math.nan)
-    return jobs, reasons
+    return jobs, reasons, target_best
 
 
 def _areas_compatible(a: int, b: int) -> bool:
@@ -830,23 +848,6 @@ class _LastImage:
             self._image = _load(self._captures[name], name)
             self._name = name
         return self._image
-
-
-def _zarr_frames(store: Path | None, array_path: str) -> int:
-    import zarr
-
-    array = zarr.open_array(store=str(store), path=array_path or None, mode="r")
-    if array.ndim != 4 or array.shape[3] != 3 or array.dtype != np.uint8:
-        raise InputFormatError(
-            f"Zarr array {store}/{array_path} is {array.dtype} {array.shape}, not (N, H, W, 3) uint8"
-        )
-    return int(array.shape[0])
-
-
-def _zarr_frame(store: Path, array_path: str, index: int) -> np.ndarray:
-    import zarr
-
-    return np.asarray(zarr.open_array(store=str(store), path=array_path or None, mode="r")[index])
 
 
 def _now() -> str:
