@@ -163,7 +163,8 @@ def generator_from_run(run: str | Path) -> tuple[UNetGenerator, dict[str, Any]]:
     settings = read_json(run / SETTINGS_NAME) or state.get("settings", {})
     generator = UNetGenerator(base_filters=int(settings["base_filters"]))
     generator.load_state_dict(state["models"]["G"])
-    validation = read_json(run / VALIDATION_NAME)
+    # The held-out names stay in the run folder; the file records the figures and how many pairs.
+    validation = {k: v for k, v in (read_json(run / VALIDATION_NAME) or {}).items() if k != "val_names"}
     meta = generator_metadata(
         generator,
         trained=True,
