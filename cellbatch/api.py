@@ -1,0 +1,183 @@
+"""Use cellbatch from Python: :func:`convert` is what ``cellbatch run`` does, without the CLI.
+
+Examples
+--------
+>>> from cellbatch.api import convert                                   # doctest: +SKIP
+>>> report = convert(["slides/"], "out/", model="examples/demo-model/demo-l1net.pt")  # doctest: +SKIP
+>>> report.exit_code, [s.status for s in report.slides]                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cellbatch.errors import ConfigError, InputNotFoundError
+from cellbatch.extract import ExtractSettings
+from cellbatch.pipeline import RunReport, RunSettings, Stages, base_provenance, run_slides
+from cellbatch.provenance import utc_now
+
+
+def convert(
+    sources: Sequence[str | Path],
+    out: str | Path,
+    *,
+    model: str | Path | None = None,
+    model_sha256: str | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    cell_diameter: float = 110.0,
+    detector: str = "threshold",
+    drop_edge: bool = False,
+    normalise: Sequence[str] = (),
+    classifier: str | Path | None = None,
+    classes: Sequence[str] | None = None,
+    reference: str | Path | None = None,
+    min_agreement: float | None = None,
+    min_confidence: float = 0.0,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    force: bool = False,
+    command: list[str] | None = None,
+    on_progress: Callable[[int, int], None] = lambda captures, cells: None,
+    on_warning: Callable[[str], None] = lambda message: None,
+) -> RunReport:
+    """Convert every slide in ``sources`` into ``out``; see ``cellbatch run --help`` for the options.
+
+    Problems with the run as a whole (missing input, unusable model, locked or unwritable ``out``)
+    raise a :class:`~cellbatch.errors.CellbatchError`; problems with single captures or slides are
+    recorded in the returned report (and ``out/run.json``) and the run goes on.
+    """
+    from cellbatch.generate import resolve_device
+    from cellbatch.lock import RunLock
+    from cellbatch.safepath import check_writable
+    from cellbatch.write import clear_staging
+
+    source_paths = [Path(s) for s in sources]
+    for src in source_paths:
+        if not src.exists():
+            raise InputNotFoundError(f"input {src} does not exist: pass a folder of captures or a Zarr store")
+    if (reference is not None or min_agreement is not None or classes) and classifier is None:
+        raise ConfigError("--reference, --min-agreement and --classes need --classifier CLF.pt")
+    out = Path(out)
+    resolved = resolve_device(device)
+    settings = RunSettings(
+        extract=ExtractSettings(detector=detector, cell_diameter=cell_diameter, drop_edge=drop_edge),
+        batch_size=batch_size, device=resolved, normalise=tuple(s for s in normalise if s != "none"),
+        force=force, scheduler=scheduler, workers=workers,
+    )
+    stages = load_stages(settings, model=model, model_sha256=model_sha256, classifier=classifier, classes=classes,
+                         reference=reference, min_agreement=min_agreement, min_confidence=min_confidence)
+    check_writable(out)
+    report = RunReport(out=out, command=command or list(sys.argv), started=utc_now())
+    if stages.generator is not None:
+        report.generation = f"{model} on {resolved}"
+        if stages.generator.model.metadata.get("trained") is False:
+            report.notes.append(f"model {model} is UNTRAINED (exported with --untrained): "
+                                "its output is not a conversion")
+            on_warning(report.notes[-1])
+    with RunLock(out), dask_client(scheduler, workers) as client:
+        clear_staging(out)
+        provenance = base_provenance(settings, stages, source_paths, out, resolved)
+        provenance["command"] = report.command
+        key_extra = {
+            "model_sha256": stages.generator.model.sha256 if stages.generator is not None else None,
+            "classifier_sha256": stages.check.provenance()["sha256"] if stages.check is not None else None,
+            "normalisers": provenance["normalisation"],
+        }
+        run_slides(source_paths, out, settings=settings, stages=stages, client=client, provenance_base=provenance,
+                   key_extra=key_extra, report=report, on_progress=on_progress)
+        report.finished = utc_now()
+        report.save()
+    return report
+
+
+def load_stages(
+    settings: RunSettings,
+    *,
+    model: str | Path | None,
+    model_sha256: str | None,
+    classifier: str | Path | None,
+    classes: Sequence[str] | None,
+    reference: str | Path | None,
+    min_agreement: float | None,
+    min_confidence: float,
+) -> Stages:
+    """Load the generator, normalisers and check eagerly, so a bad one stops the run before any work."""
+    from cellbatch.generate import Generator
+    from cellbatch.normalise.base import parse_spec
+    from cellbatch.registry import normalisers
+
+    stages = Stages()
+    if model is not None:
+        stages.generator = Generator.load(model, device=settings.device, expected_sha256=model_sha256)
+    elif model_sha256:
+        raise ConfigError("--model-sha256 needs --model")
+    for spec in settings.normalise:
+        name, arg = parse_spec(spec)
+        stages.normalisers.append(normalisers.get(name)(arg))
+    if classifier is not None:
+        stages.check = load_check(settings, classifier=classifier, classes=classes, reference=reference,
+                                  min_agreement=min_agreement, min_confidence=min_confidence)
+    return stages
+
+
+def load_check(
+    settings: RunSettings,
+    *,
+    classifier: str | Path,
+    classes: Sequence[str] | None,
+    reference: str | Path | None,
+    min_agreement: float | None,
+    min_confidence: float,
+) -> Any:
+    from cellbatch.check.agreement import AgreementCheck, CheckSettings
+    from cellbatch.check.reference import ReferenceSource
+    from cellbatch.modelfile import load_model
+
+    clf = load_model(classifier, kind="classifier", device=settings.device)
+    if classes:
+        clf.metadata["classes"] = list(classes)
+    if not clf.metadata.get("classes"):
+        raise ConfigError(f"classifier {classifier} names no classes: pass --classes a,b,c")
+    ref = None
+    if reference is not None:
+        if not Path(reference).exists():
+            raise InputNotFoundError(f"reference {reference} does not exist: pass the paired DM96 captures")
+        ref = ReferenceSource(Path(reference), detector=settings.extract.detector,
+                              cell_diameter=settings.extract.cell_diameter)
+    return AgreementCheck(
+        clf,
+        settings=CheckSettings(min_confidence=min_confidence, min_agreement=min_agreement,
+                               batch_size=settings.batch_size),
+        reference=ref,
+        device=settings.device,
+    )
+
+
+@contextmanager
+def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
+    """A Dask client: the given cluster, or an in-process one (threads, no services to start)."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(
+                f"no Dask scheduler answers at {scheduler}: start one or drop --scheduler ({exc})"
+            ) from exc
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    threads = workers or len(os.sched_getaffinity(0))
+    with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client

@@ -1,0 +1,101 @@
+"""``cellbatch run``: the whole conversion job."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cellbatch.cli.options import (
+    cell_diameter_option,
+    detector_option,
+    device_option,
+    json_option,
+    quiet_option,
+)
+
+
+@click.command("run")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("cellbatch-out"), show_default=True,
+              help="Output folder: one folder per slide, plus run.json.")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="TorchScript generator; without it, generation is skipped.")
+@click.option("--model-sha256", metavar="HEX", help="Refuse a model file whose sha256 differs.")
+@device_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Crops per model call.")
+@cell_diameter_option
+@detector_option
+@click.option("--drop-edge", is_flag=True, help="Leave out cells cut by the capture border.")
+@click.option("--normalise", "normalise", multiple=True, metavar="NAME[:ARG]",
+              help="Normaliser from the registry, applied in order (repeatable): none, display, hm:PROFILE.json, ...")
+@click.option("--classifier", type=click.Path(path_type=Path), help="TorchScript classifier for the agreement check.")
+@click.option("--classes", help="Comma-separated class names, for a classifier file without cellbatch.json.")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="Paired DM96 captures (folder or Zarr), matched by relative path.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1),
+              help="Mark slides below this agreement rate qc_failed (exit 5).")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Leave cells the classifier is less sure of out of the agreement rate (they are counted).")
+@click.option("--scheduler", metavar="ADDRESS", help="Run the CPU stages on an existing Dask cluster (tcp://HOST:PORT).")
+@click.option("--workers", type=click.IntRange(min=1), help="Local threads for the CPU stages (default: all cores).")
+@click.option("--force", is_flag=True, help="Redo every slide, even those whose output is complete and unchanged.")
+@quiet_option
+@json_option
+def run(sources: tuple[Path, ...], out: Path, classes: str | None, quiet: bool, as_json: bool, **options: Any) -> None:
+    """Convert the captures in SOURCES (folders or Zarr stores) into OUT.
+
+    Each slide (a leaf folder of captures, or one Zarr array) gets OUT/<slide>/cells.csv, cells.zarr
+    and provenance.json; OUT/run.json sums up the run. Exit codes: 0 all done, 3 could not run,
+    4 finished but some inputs failed, 5 finished but some slides failed QC.
+    """
+    from cellbatch.api import convert
+
+    class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    with progress_bar(quiet) as on_progress:
+        report = convert(
+            sources, out, classes=class_list, command=["cellbatch", *sys.argv[1:]], on_progress=on_progress,
+            on_warning=lambda message: click.echo(f"cellbatch: warning: {message}", err=True), **options,
+        )
+    summary = report.to_dict()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        print_summary(summary)
+    sys.exit(summary["exit_code"])
+
+
+@contextmanager
+def progress_bar(quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar over captures with cells/s, on a terminal only (quiet in logs and pipelines)."""
+    from tqdm import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    with tqdm(unit="capture", disable=disable, dynamic_ncols=True, file=sys.stderr) as bar:
+        cells = 0
+
+        def on_progress(n_captures: int, n_cells: int) -> None:
+            nonlocal cells
+            cells += n_cells
+            bar.update(n_captures)
+            elapsed = bar.format_dict["elapsed"]
+            bar.set_postfix(cells=cells, cells_per_s=f"{cells / elapsed:.1f}" if elapsed else "-", refresh=False)
+
+        yield on_progress
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    by_status = summary["slides_by_status"]
+    parts = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items())) or "no slides"
+    click.echo(f"cellbatch: {len(summary['slides'])} slide(s): {parts}; {summary['captures']} captures, "
+               f"{summary['cells']} cells, {summary['failed_captures']} failed captures", err=True)
+    click.echo(f"cellbatch: generation {summary['generation']}; results in {summary['out']} (see run.json)", err=True)
+    for failure in summary["failures"][:20]:
+        click.echo(f"  failed: {failure.get('slide')}: {failure.get('reason')}", err=True)
+    if len(summary["failures"]) > 20:
+        click.echo(f"  ... and {len(summary['failures']) - 20} more in run.json", err=True)

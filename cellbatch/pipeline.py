@@ -1,0 +1,461 @@
+"""The whole run: slides in, converted cells and provenance out.
+
+    discover slides -> plan each (hash inputs, skip if unchanged) -> extract chunks as Dask tasks
+      -> generate in batches -> normalise -> agreement check -> write (atomic per slide)
+
+Extraction futures are kept a fixed number ahead of the consumer across slide boundaries, so the
+CPU stages overlap inference and memory stays bounded however many captures there are. A model is
+loaded once, in this process, which also owns the GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellbatch import __version__
+from cellbatch.errors import CellbatchError, ExitCode, InputFormatError
+from cellbatch.extract import CaptureRef, CaptureResult, ExtractSettings, extract_chunk
+from cellbatch.modelfile import sha256_file
+from cellbatch.provenance import content_key, environment, utc_now
+from cellbatch.read import Slide, discover_slides, read_frame, slide_frame_count, validate_slide
+from cellbatch.safepath import output_dir_for, output_errors
+from cellbatch.write import CELL_COLUMNS, CHECK_COLUMNS, SlideWriter, write_json_atomic
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a run needs besides its inputs and output folder."""
+
+    extract: ExtractSettings = field(default_factory=ExtractSettings)
+    batch_size: int = 16
+    chunk_captures: int = 4
+    device: str = "cpu"
+    normalise: tuple[str, ...] = ()
+    force: bool = False
+    scheduler: str | None = None
+    workers: int | None = None
+
+    def key_parameters(self) -> dict[str, Any]:
+        """The settings that change a slide's bytes (device and scheduling do not, on CPU)."""
+        return {"extract": asdict(self.extract), "normalise": list(self.normalise)}
+
+
+@dataclass
+class SlidePlan:
+    """One slide with its inputs hashed and what the run will do with it."""
+
+    slide: Slide
+    name: str  # the output name: relative path below OUT
+    out_dir: Path
+    refs: list[CaptureRef] = field(default_factory=list)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    key: str = ""
+    action: str = "run"  # run | skip | fail
+    reason: str = ""
+
+    def chunks(self, size: int) -> list[list[CaptureRef]]:
+        todo = [r for r, i in zip(self.refs, self.inputs, strict=True) if "error" not in i]
+        return [todo[i : i + size] for i in range(0, len(todo), size)]
+
+
+@dataclass
+class SlideReport:
+    name: str
+    status: str  # done | failed | skipped | qc_failed
+    captures: int = 0
+    failed_captures: int = 0
+    cells: int = 0
+    reason: str = ""
+    output: str = ""
+    check: dict[str, Any] | None = None
+
+
+@dataclass
+class RunReport:
+    """What ``run.json`` and ``--json`` say about a run."""
+
+    out: Path
+    command: list[str]
+    started: str
+    slides: list[SlideReport] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    generation: str = "skipped (no --model)"
+    finished: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if any(s.status == "failed" or s.failed_captures for s in self.slides):
+            return ExitCode.INPUTS_FAILED
+        if any(s.status == "qc_failed" for s in self.slides):
+            return ExitCode.QC_FAILED
+        return ExitCode.OK
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for s in self.slides:
+            counts[s.status] = counts.get(s.status, 0) + 1
+        return {
+            "cellbatch_version": __version__,
+            "command": self.command,
+            "out": str(self.out),
+            "started": self.started,
+            "finished": self.finished,
+            "exit_code": int(self.exit_code),
+            "generation": self.generation,
+            "slides_by_status": counts,
+            "captures": sum(s.captures for s in self.slides),
+            "failed_captures": sum(s.failed_captures for s in self.slides),
+            "cells": sum(s.cells for s in self.slides),
+            "notes": self.notes,
+            "slides": [asdict(s) for s in self.slides],
+            "failures": self.failures,
+        }
+
+    def save(self) -> None:
+        write_json_atomic(self.out / "run.json", self.to_dict())
+
+
+def slide_names(sources: list[Path], *, exclude: tuple[Path, ...] = ()) -> Iterator[tuple[Slide, str]]:
+    """Every slide of every SRC with its output name.
+
+    One SRC: names are paths relative to it (a SRC that is itself a slide is named after its folder
+    or store). Several SRC: each name is prefixed by its SRC's name, numbered when two SRC share one.
+    """
+    seen: dict[str, int] = {}
+    for src in sources:
+        prefix = ""
+        if len(sources) > 1:
+            base = src.resolve().name or "input"
+            seen[base] = seen.get(base, 0) + 1
+            prefix = base if seen[base] == 1 else f"{base}-{seen[base]}"
+        for slide in discover_slides(src, exclude=exclude):
+            name = slide.name if slide.name != "." else (src.resolve().name or "input")
+            if prefix and slide.name != ".":
+                name = f"{prefix}/{name}"
+            elif prefix:
+                name = prefix
+            yield slide, name
+
+
+def plan_slide(slide: Slide, name: str, out: Path, settings: RunSettings, key_extra: dict[str, Any]) -> SlidePlan:
+    """Hash the slide's inputs and decide: run it, skip it (output complete and unchanged), or fail it."""
+    plan = SlidePlan(slide=slide, name=name, out_dir=output_dir_for(out, name))
+    try:
+        validate_slide(slide)
+        if slide.kind == "zarr":
+            for frame in range(slide_frame_count(slide)):
+                ref = CaptureRef(source=slide.array_path or ".", frame=frame, path=str(slide.store))
+                plan.refs.append(ref)
+                plan.inputs.append(_hash_frame(slide, ref))
+        else:
+            for path in slide.captures:
+                ref = CaptureRef(source=path.relative_to(slide.root).as_posix(), frame=0, path=str(path))
+                plan.refs.append(ref)
+                plan.inputs.append(_hash_file(ref))
+    except CellbatchError as exc:
+        plan.action, plan.reason = "fail", str(exc)
+        return plan
+    plan.failures = [
+        {"path": i["path"], "frame": i["frame"], "reason": i["error"]} for i in plan.inputs if "error" in i
+    ]
+    readable = [i for i in plan.inputs if "error" not in i]
+    plan.key = content_key(inputs=readable, parameters=settings.key_parameters(), **key_extra)
+    if not settings.force and _output_is_current(plan):
+        plan.action = "skip"
+    return plan
+
+
+def _hash_file(ref: CaptureRef) -> dict[str, Any]:
+    entry: dict[str, Any] = {"path": ref.source, "frame": 0, "source": ref.source}
+    try:
+        entry["bytes"] = Path(ref.path).stat().st_size
+        entry["sha256"] = sha256_file(ref.path)
+    except OSError as exc:
+        entry["error"] = f"{ref.source}: cannot be read: {exc.strerror or exc}"
+    return entry
+
+
+def _hash_frame(slide: Slide, ref: CaptureRef) -> dict[str, Any]:
+    import hashlib
+
+    entry: dict[str, Any] = {"path": ref.source, "frame": ref.frame, "source": ref.source}
+    try:
+        image = read_frame(slide, ref.frame).image
+        entry["bytes"] = int(image.nbytes)
+        entry["sha256"] = hashlib.sha256(image.tobytes()).hexdigest()
+    except CellbatchError as exc:
+        entry["error"] = str(exc)
+    return entry
+
+
+def _output_is_current(plan: SlidePlan) -> bool:
+    import json
+
+    prov = plan.out_dir / "provenance.json"
+    if not (prov.is_file() and (plan.out_dir / "cells.csv").is_file() and (plan.out_dir / "cells.zarr").is_dir()):
+        return False
+    try:
+        return json.loads(prov.read_text()).get("content_key") == plan.key
+    except (OSError, ValueError):
+        return False
+
+
+def schedule(
+    client: Any, plans: Iterator[SlidePlan], settings: RunSettings, window: int
+) -> Iterator[tuple[SlidePlan, int, int, list[CaptureResult]]]:
+    """Yield ``(plan, chunk index, chunk count, results)`` in order, ``window`` extraction tasks ahead."""
+    def jobs() -> Iterator[tuple[SlidePlan, int, int, list[CaptureRef] | None]]:
+        for plan in plans:
+            chunks = plan.chunks(settings.chunk_captures) if plan.action == "run" else []
+            if not chunks:
+                yield plan, 0, 1, None
+            for i, refs in enumerate(chunks):
+                yield plan, i, len(chunks), refs
+
+    pending: deque = deque()
+    for plan, i, n, refs in jobs():
+        future = None
+        if refs is not None:
+            future = client.submit(extract_chunk, plan.slide, refs, settings.extract, pure=False)
+        pending.append((plan, i, n, refs, future))
+        while len(pending) > window:
+            yield _collect(*pending.popleft())
+    while pending:
+        yield _collect(*pending.popleft())
+
+
+def _collect(plan: SlidePlan, i: int, n: int, refs: list[CaptureRef] | None, future: Any):
+    if future is None:
+        return plan, i, n, []
+    try:
+        return plan, i, n, future.result()
+    except Exception as exc:  # a worker lost or killed: the chunk's captures fail, the run goes on
+        reason = f"extraction task failed: {type(exc).__name__}: {exc}"
+        return plan, i, n, [CaptureResult(ref=r, error=f"{r.source}: {reason}") for r in refs or []]
+
+
+@dataclass
+class Stages:
+    """The loaded per-batch stages: generator, normalisers and agreement check, any of them absent."""
+
+    generator: Any = None
+    normalisers: list[Any] = field(default_factory=list)
+    check: Any = None
+
+    def arrays(self, size: int) -> dict[str, tuple[int, ...]]:
+        shapes = {"crop": (size, size, 3), "mask": (size, size)}
+        if self.generator is not None:
+            shapes["generated"] = (size, size, 3)
+        if self.normalisers:
+            shapes["normalised"] = (size, size, 3)
+        return shapes
+
+    def columns(self) -> tuple[str, ...]:
+        return CELL_COLUMNS + (CHECK_COLUMNS if self.check is not None else ())
+
+    def process(self, crops: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+        arrays = {"crop": crops, "mask": masks}
+        current = crops
+        if self.generator is not None:
+            current = arrays["generated"] = self.generator(crops)
+        if self.normalisers:
+            for normaliser in self.normalisers:
+                current = normaliser(current, masks)
+            arrays["normalised"] = current
+        return arrays
+
+
+class SlideRun:
+    """The cells of one slide flowing from extraction results to its writer, in batches."""
+
+    def __init__(self, plan: SlidePlan, stages: Stages, settings: RunSettings, out: Path) -> None:
+        self.plan = plan
+        self.stages = stages
+        self.settings = settings
+        self.started = utc_now()
+        size = settings.extract.crop_size
+        self.writer = SlideWriter(plan.out_dir, out_root=out, arrays=stages.arrays(size), columns=stages.columns())
+        self.check_state = stages.check.start_slide(plan.name) if stages.check is not None else None
+        self.cells_per_input: dict[tuple[str, int], int] = {}
+        self.notes: dict[tuple[str, int], list[str]] = {}
+        self._rows: list[dict[str, Any]] = []
+        self._crops: list[np.ndarray] = []
+        self._masks: list[np.ndarray] = []
+
+    def add(self, results: list[CaptureResult]) -> int:
+        cells = 0
+        for r in results:
+            key = (r.ref.source, r.ref.frame)
+            if r.error is not None:
+                self.plan.failures.append({"path": r.ref.source, "frame": r.ref.frame, "reason": r.error})
+                continue
+            self.cells_per_input[key] = len(r.rows)
+            if r.notes:
+                self.notes[key] = r.notes
+            self._rows.extend(r.rows)
+            self._crops.extend(r.crops)
+            self._masks.extend(r.masks)
+            cells += len(r.rows)
+            while len(self._rows) >= self.settings.batch_size:
+                self._flush(self.settings.batch_size)
+        return cells
+
+    def _flush(self, n: int) -> None:
+        rows, self._rows = self._rows[:n], self._rows[n:]
+        crops, self._crops = np.stack(self._crops[:n]), self._crops[n:]
+        masks, self._masks = np.stack(self._masks[:n]), self._masks[n:]
+        arrays = self.stages.process(crops, masks)
+        if self.stages.check is not None:
+            output = arrays.get("normalised", arrays.get("generated", crops))
+            checked = self.stages.check.check_batch(self.check_state, rows, crops, output)
+            for row, extra in zip(rows, checked, strict=True):
+                row.update(extra)
+        self.writer.add(rows, arrays)
+
+    def commit(self, provenance_base: dict[str, Any]) -> SlideReport:
+        if self._rows:
+            self._flush(len(self._rows))
+        check = None
+        if self.stages.check is not None:
+            check = self.stages.check.finish_slide(self.check_state, self.writer.folder)
+        inputs = []
+        for entry in self.plan.inputs:
+            key = (entry["source"], entry["frame"])
+            item = {k: v for k, v in entry.items() if k not in ("source", "error")}
+            item["cells"] = self.cells_per_input.get(key)
+            if key in self.notes:
+                item["notes"] = self.notes[key]
+            inputs.append(item)
+        provenance = {
+            **provenance_base,
+            "slide": self.plan.name,
+            "content_key": self.plan.key,
+            "cells": self.writer.count,
+            "inputs": inputs,
+            "failures": self.plan.failures,
+            "check": check,
+            "started": self.started,
+            "finished": utc_now(),
+        }
+        self.writer.commit(provenance)
+        status = "qc_failed" if check and check.get("qc_failed") else "done"
+        return SlideReport(
+            name=self.plan.name, status=status, captures=len(self.plan.refs),
+            failed_captures=len(self.plan.failures), cells=self.writer.count,
+            output=str(self.plan.out_dir), check=check,
+        )
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def run_slides(
+    sources: list[Path],
+    out: Path,
+    *,
+    settings: RunSettings,
+    stages: Stages,
+    client: Any,
+    provenance_base: dict[str, Any],
+    key_extra: dict[str, Any],
+    report: RunReport,
+    on_progress: Callable[[int, int], None] = lambda captures, cells: None,
+) -> RunReport:
+    """Process every slide of ``sources`` into ``out``; every slide ends done, skipped or failed."""
+    # OUT may sit inside a SRC folder: never read our own results back as captures.
+    plans = (plan_slide(s, n, out, settings, key_extra) for s, n in slide_names(sources, exclude=(out,)))
+    window = 2 * max(1, _worker_threads(client))
+    current: SlideRun | None = None
+    for plan, i, n, results in schedule(client, plans, settings, window):
+        if plan.action != "run":
+            _finish_without_run(plan, report, on_progress)
+            continue
+        if i > 0 and (current is None or current.plan is not plan):
+            continue  # the slide already failed on an earlier chunk
+        try:
+            with output_errors(plan.out_dir, doing="write the results of slide"):
+                if i == 0:
+                    current = SlideRun(plan, stages, settings, out)
+                    on_progress(len(plan.failures), 0)  # captures that failed while hashing
+                cells = current.add(results)
+                on_progress(len(results), cells)
+                if i == n - 1:
+                    if plan.refs and len(plan.failures) == len(plan.refs):
+                        raise InputFormatError(f"every capture of slide {plan.name} failed; see failures in run.json")
+                    report.slides.append(current.commit(provenance_base))
+                    report.failures.extend({"slide": plan.name, **f} for f in plan.failures)
+                    current = None
+                    report.save()
+        except CellbatchError as exc:
+            if exc.exit_code == ExitCode.COULD_NOT_RUN and not isinstance(exc, InputFormatError):
+                if current is not None:
+                    current.abort()
+                raise
+            _fail_slide(plan, current, str(exc), report)
+            current = None
+    return report
+
+
+def _finish_without_run(plan: SlidePlan, report: RunReport, on_progress: Callable[[int, int], None]) -> None:
+    on_progress(len(plan.refs), 0)
+    if plan.action == "skip":
+        report.slides.append(SlideReport(
+            name=plan.name, status="skipped", captures=len(plan.refs), output=str(plan.out_dir),
+            reason="output complete and inputs, model and settings unchanged (use --force to redo)",
+        ))
+    else:
+        report.slides.append(SlideReport(name=plan.name, status="failed", reason=plan.reason, captures=len(plan.refs)))
+        report.failures.append({"slide": plan.name, "path": plan.name, "reason": plan.reason})
+    report.save()
+
+
+def _fail_slide(plan: SlidePlan, current: SlideRun | None, reason: str, report: RunReport) -> None:
+    if current is not None:
+        current.abort()
+    report.slides.append(SlideReport(
+        name=plan.name, status="failed", reason=reason, captures=len(plan.refs),
+        failed_captures=len(plan.failures),
+    ))
+    report.failures.append({"slide": plan.name, "path": plan.name, "reason": reason})
+    report.failures.extend({"slide": plan.name, **f} for f in plan.failures)
+    report.save()
+
+
+def _worker_threads(client: Any) -> int:
+    try:
+        return sum(client.nthreads().values())
+    except Exception:  # an unreachable scheduler shows up later, on submit, with its own error
+        return 1
+
+
+def base_provenance(
+    settings: RunSettings, stages: Stages, sources: list[Path], out: Path, device: str
+) -> dict[str, Any]:
+    """The part of every slide's provenance that is the same for the whole run."""
+    model = stages.generator.provenance() if stages.generator is not None else None
+    if model is not None:
+        model["trained"] = model["metadata"].get("trained")
+    return {
+        "cellbatch_version": __version__,
+        "command": list(sys.argv),
+        "parameters": {
+            **asdict(settings),
+            "sources": [str(s) for s in sources],
+            "out": str(out),
+            "device": device,
+        },
+        "environment": environment(device),
+        "model": model,
+        "classifier": stages.check.provenance() if stages.check is not None else None,
+        "normalisation": [n.provenance() for n in stages.normalisers],
+    }
+
