@@ -27,9 +27,7 @@ from cellbatch.train.pair import (
 D = 110.0  # cell diameter of the drawn scenes, as in DM captures
 
 
-def draw_scene(
-    rng: np.random.Generator, centres: tuple[tuple[float, float], ...] = ((320, 240),)
-) -> np.ndarray:
+def draw_scene(rng: np.random.Generator, centres: tuple[tuple[float, float], ...] = ((320, 240),)) -> np.ndarray:
     """A 480x640 smear: red cells, white cells with lobed nuclei at ``centres``, and fine texture
     (real smears have it, and SIFT needs it)."""
     h, w = 480, 640
@@ -108,9 +106,7 @@ def test_recovers_a_known_similarity_to_within_a_pixel_and_the_crops_match() -> 
     # Every pixel of the crop window, mapped to the target and back by the recovered fit, must land
     # within a pixel of where it started.
     x0, y0 = pair.crop_origin
-    window = np.array(
-        [[x, y] for x in (x0, x0 + 255) for y in (y0, y0 + 255)] + [list(pair.source_xy)], float
-    )
+    window = np.array([[x, y] for x in (x0, x0 + 255) for y in (y0, y0 + 255)] + [list(pair.source_xy)], float)
     assert np.abs(apply(pair.alignment.affine, apply(known, window)) - window).max() < 1.0
     assert pair.matched_by == "name" and pair.score > 0.9 and pair.alignment.inliers >= 20
     diff = np.abs(pair.source_crop.astype(int) - pair.target_crop.astype(int))
@@ -146,9 +142,7 @@ def test_template_search_pairs_cells_across_unrelated_names_and_lists_the_rest()
     moves = [similarity(2.0, 1.02, (5, 3)), similarity(-3.0, 0.99, (-8, 4)), similarity(1.0, 1.0, (10, -10))]
     source = {f"dm1200/{i}.png": s for i, s in enumerate(scenes)}
     # The DM96 captures are named differently, in another order, with an extra field nobody asked for.
-    target = {
-        f"dm96/{name}.jpg": as_target(scenes[i], moves[i], optics=True) for name, i in (("x", 2), ("y", 0))
-    }
+    target = {f"dm96/{name}.jpg": as_target(scenes[i], moves[i], optics=True) for name, i in (("x", 2), ("y", 0))}
     target["dm96/z.jpg"] = as_target(draw_scene(rng), moves[0], optics=True)
 
     result = pair_captures(source, target, detector=NucleusDetector())
@@ -191,10 +185,7 @@ def test_match_by_name_only_lists_a_source_capture_without_a_namesake() -> None:
     )
     assert [p.source for p in result.pairs] == ["a.png"]
     by_side = {u.side: u for u in result.unmatched}
-    assert (
-        by_side["source"].capture == "b.png"
-        and "no target capture named like b.png" in by_side["source"].reason
-    )
+    assert by_side["source"].capture == "b.png" and "no target capture named like b.png" in by_side["source"].reason
     assert by_side["target"].capture == "other.png"
 
 
@@ -249,9 +240,7 @@ def test_write_pairs_writes_same_named_crops_and_both_tables(tmp_path: Path) -> 
     assert counts == {"pairs": 1, "unmatched_source": 1, "unmatched_target": 0}
     src = cv2.imread(str(out / "source/slide/a_c0.png"))[..., ::-1]
     tgt = cv2.imread(str(out / "target/slide/a_c0.png"))[..., ::-1]
-    assert np.array_equal(src, result.pairs[0].source_crop) and np.array_equal(
-        tgt, result.pairs[0].target_crop
-    )
+    assert np.array_equal(src, result.pairs[0].source_crop) and np.array_equal(tgt, result.pairs[0].target_crop)
     with open(out / "pairs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == PAIRS_COLUMNS and rows[0]["name"] == "slide/a_c0"
@@ -295,6 +284,34 @@ def test_capture_sources_names_files_by_relative_path_and_zarr_frames_by_index(t
     assert loaders["000001"]().mean() == 7  # type: ignore[operator]
 
 
+def test_pairs_synthetic_dm1200_and_dm96_looks_with_the_registered_detector() -> None:
+    """End to end across the two optics: synthetic DM1200 captures against moved DM96 renders of the
+    same fields, unnamed, found by the built-in threshold detector."""
+    synth = pytest.importorskip("cellbatch.synth", reason="cellbatch.synth is not in this checkout yet")
+    pytest.importorskip("cellbatch.detect.threshold", reason="the threshold detector is not in this checkout yet")
+    from cellbatch.registry import detectors
+
+    rng = np.random.default_rng(0)
+    moves = [similarity(3.0, 1.03, (7, -5)), similarity(-2.0, 0.98, (-9, 6)), similarity(4.0, 1.01, (3, 11))]
+    source, target = {}, {}
+    for i, move in enumerate(moves):
+        capture = synth.synth_capture(rng, n_white=1)
+        source[f"{i}.png"] = capture.dm1200
+        target[f"dm96_{2 - i}.png"] = as_target(capture.dm96, move)
+    detect = detectors.get("threshold")(DetectSettings(cell_diameter=D))
+
+    result = pair_captures(source, target, detector=detect)
+
+    assert len(result.pairs) >= 2, result.unmatched  # the detector may miss a cell in one look
+    for p in result.pairs:
+        i = int(p.source[0])
+        assert p.target == f"dm96_{2 - i}.png"
+        x0, y0 = p.crop_origin
+        pts = np.array([[x0, y0], [x0 + 255, y0 + 255], p.source_xy], float)
+        assert np.abs(apply(p.alignment.affine, apply(moves[i], pts)) - pts).max() < 1.0
+        assert p.ncc > 0.95
+
+
 @pytest.fixture
 def capture_dirs(tmp_path: Path) -> tuple[Path, Path]:
     rng = np.random.default_rng(10)
@@ -310,9 +327,7 @@ def capture_dirs(tmp_path: Path) -> tuple[Path, Path]:
     return source, target
 
 
-def test_cli_pairs_folders_and_refuses_to_overwrite(
-    capture_dirs: tuple[Path, Path], tmp_path: Path, capsys
-) -> None:
+def test_cli_pairs_folders_and_refuses_to_overwrite(capture_dirs: tuple[Path, Path], tmp_path: Path, capsys) -> None:
     from cellbatch.cli import main
     from cellbatch.registry import detectors
 
