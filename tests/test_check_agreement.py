@@ -168,7 +168,7 @@ class StubReference:
     def __init__(self, crops: list[np.ndarray | None]) -> None:
         self.crops = crops
 
-    def crops_for(self, rows):
+    def crops_for(self, rows, *, slide=None):
         return self.crops[: len(rows)]
 
     def provenance(self):

@@ -76,9 +76,7 @@ class SlideState:
     no_reference: int = 0
 
 
-def load_classifier(
-    path: str | Path, *, classes: Sequence[str] | None = None, device: str = "cpu"
-) -> ModelFile:
+def load_classifier(path: str | Path, *, classes: Sequence[str] | None = None, device: str = "cpu") -> ModelFile:
     """Load a classifier file and settle its class names.
 
     The names come from the file's ``cellbatch.json``; a file without them needs ``classes``
@@ -90,9 +88,7 @@ def load_classifier(
     if classes is not None:
         classes = [c.strip() for c in classes]
         if not all(classes) or len(set(classes)) != len(classes):
-            raise ConfigError(
-                f"--classes {','.join(classes)}: give distinct, non-empty names separated by commas"
-            )
+            raise ConfigError(f"--classes {','.join(classes)}: give distinct, non-empty names separated by commas")
         if stored is not None and list(stored) != classes:
             raise ConfigError(
                 f"--classes {','.join(classes)} differs from the classes stored in {model.path} "
@@ -100,9 +96,7 @@ def load_classifier(
             )
         model.metadata["classes"] = classes
     elif not stored:
-        raise ModelError(
-            f"{model.path} does not name its classes: pass --classes a,b,c in the order of its outputs"
-        )
+        raise ModelError(f"{model.path} does not name its classes: pass --classes a,b,c in the order of its outputs")
     return model
 
 
@@ -143,9 +137,7 @@ def classify(
                     f"logits for its classes {','.join(classes)}: check the file or --classes"
                 )
             if not torch.isfinite(logits).all():
-                raise ModelError(
-                    f"classifier {classifier.path} returned non-finite logits: the file is broken"
-                )
+                raise ModelError(f"classifier {classifier.path} returned non-finite logits: the file is broken")
             probabilities[start : start + n] = torch.softmax(logits.float(), dim=1).cpu().numpy()
     return probabilities.argmax(axis=1).astype(np.int64), probabilities
 
@@ -229,13 +221,11 @@ class AgreementCheck:
         label_reference = label_input.copy()
         has_reference = np.ones(n, bool)
         if self.reference is not None:
-            found = self.reference.crops_for(rows)
+            found = self.reference.crops_for(rows, slide=state.slide_name)
             has_reference = np.array([c is not None for c in found])
             label_reference[:] = -1
             if has_reference.any():
-                label_reference[has_reference], _ = self._classify(
-                    np.stack([c for c in found if c is not None])
-                )
+                label_reference[has_reference], _ = self._classify(np.stack([c for c in found if c is not None]))
 
         p_output = prob_output[np.arange(n), label_output]
         confident = p_output >= self.settings.min_confidence
@@ -243,9 +233,7 @@ class AgreementCheck:
         state.cells += n
         state.no_reference += int((~has_reference).sum())
         state.unsure += int((has_reference & ~confident).sum())
-        state.matrix += confusion_counts(
-            label_reference[checked], label_output[checked], n_classes=len(self.classes)
-        )
+        state.matrix += confusion_counts(label_reference[checked], label_output[checked], n_classes=len(self.classes))
 
         names = self.classes
         return [
@@ -275,12 +263,8 @@ class AgreementCheck:
             min_agreement=self.settings.min_agreement,
         )
         slide_dir = Path(slide_dir)
-        _replace_with(
-            slide_dir / "confusion.csv", lambda p: write_confusion_csv(state.matrix, self.classes, p)
-        )
-        title = (
-            f"{state.slide_name}: agreement {_percent(summary['agreement'])} of {summary['checked']} cells"
-        )
+        _replace_with(slide_dir / "confusion.csv", lambda p: write_confusion_csv(state.matrix, self.classes, p))
+        title = f"{state.slide_name}: agreement {_percent(summary['agreement'])} of {summary['checked']} cells"
         _replace_with(
             slide_dir / "confusion.png",
             lambda p: write_confusion_png(state.matrix, self.classes, p, title=title),
@@ -297,9 +281,7 @@ class AgreementCheck:
         }
 
     def _classify(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return classify(
-            crops, classifier=self.classifier, device=self.device, batch_size=self.settings.batch_size
-        )
+        return classify(crops, classifier=self.classifier, device=self.device, batch_size=self.settings.batch_size)
 
 
 def summarise(
@@ -362,9 +344,7 @@ def summarise_run(slides: Mapping[str, Mapping[str, Any]], *, min_agreement: flo
         }
     classes = summaries[0]["confusion"]["classes"]
     if any(s["confusion"]["classes"] != classes for s in summaries):
-        raise ConfigError(
-            "slides were checked with classifiers of different classes: re-check them all at once"
-        )
+        raise ConfigError("slides were checked with classifiers of different classes: re-check them all at once")
     matrix = sum(np.asarray(s["confusion"]["matrix"], np.int64) for s in summaries)
     run = summarise(
         matrix,

@@ -77,9 +77,7 @@ def write_confusion_csv(matrix: np.ndarray, classes: Sequence[str], path: str | 
         for i, name in enumerate(classes):
             row = figures["per_class"][name]
             writer.writerow([name, *matrix[i].tolist(), row["checked"], _fraction(row["agreement"])])
-        writer.writerow(
-            ["all", *matrix.sum(axis=0).tolist(), figures["checked"], _fraction(figures["agreement"])]
-        )
+        writer.writerow(["all", *matrix.sum(axis=0).tolist(), figures["checked"], _fraction(figures["agreement"])])
     return path
 
 
@@ -150,9 +148,7 @@ def render_confusion(matrix: np.ndarray, classes: Sequence[str], *, title: str =
     return canvas
 
 
-def write_confusion_png(
-    matrix: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str = ""
-) -> Path:
+def write_confusion_png(matrix: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str = "") -> Path:
     """Render :func:`render_confusion` and write it as PNG."""
     import cv2
 

@@ -63,9 +63,7 @@ def recheck_output(out_root: str | Path, check: AgreementCheck, *, command: list
     return {**run, "slides_checked": summaries}
 
 
-def recheck_slide(
-    slide_dir: Path, check: AgreementCheck, *, name: str, stamp: dict[str, Any]
-) -> dict[str, Any]:
+def recheck_slide(slide_dir: Path, check: AgreementCheck, *, name: str, stamp: dict[str, Any]) -> dict[str, Any]:
     """Re-check one slide folder in place and return its summary (see :meth:`AgreementCheck.finish_slide`)."""
     import zarr
 
@@ -79,8 +77,7 @@ def recheck_slide(
     present = set(group.array_keys())
     if "crop" not in present:
         raise InputFormatError(
-            f"{slide_dir / 'cells.zarr'} has no 'crop' array: the check needs the input crops; "
-            "re-run the slide"
+            f"{slide_dir / 'cells.zarr'} has no 'crop' array: the check needs the input crops; re-run the slide"
         )
     crop = group["crop"]
     output = group[next(n for n in OUTPUT_ORDER if n in present)]
@@ -170,28 +167,35 @@ def _update_run_json(
     check: AgreementCheck,
     stamp: dict[str, Any],
 ) -> None:
-    """Put the new figures into OUT/run.json: per slide entry and for the whole run."""
+    """Put the new figures into OUT/run.json: each slide's ``check`` and QC status, and the run's.
+
+    A slide that was ``done`` or ``qc_failed`` takes the status the new check gives it; ``exit_code``
+    follows the documented rule (failed inputs 4, else QC failures 5, else 0).
+    """
+    from cellbatch.errors import ExitCode
     from cellbatch.write import write_json_atomic
 
     data = _read_json(path) if path.exists() else {}
-    slides = data.get("slides")
-    if isinstance(slides, dict):
-        entries = {name: entry for name, entry in slides.items() if isinstance(entry, dict)}
-    elif isinstance(slides, list):
-        entries = {
-            str(entry.get("slide", entry.get("name"))): entry for entry in slides if isinstance(entry, dict)
-        }
-    else:
-        data["slides"] = entries = {}
+    slides = data.setdefault("slides", [])
+    if not isinstance(slides, list):
+        raise InputFormatError(f"{path} has no list of slides: it was not written by cellbatch run")
+    entries = {entry.get("name"): entry for entry in slides if isinstance(entry, dict)}
     for name, summary in summaries.items():
         entry = entries.get(name)
         if entry is None:
-            entry = {"slide": name}
-            if isinstance(data["slides"], list):
-                data["slides"].append(entry)
-            else:
-                data["slides"][name] = entry
+            entry = {"name": name, "status": "done", "cells": summary["cells"]}
+            slides.append(entry)
         entry["check"] = summary
+        if entry.get("status") in ("done", "qc_failed"):
+            entry["status"] = "qc_failed" if summary["qc_failed"] else "done"
+    counts: dict[str, int] = {}
+    for entry in slides:
+        counts[entry.get("status", "")] = counts.get(entry.get("status", ""), 0) + 1
+    data["slides_by_status"] = counts
+    if any(e.get("status") == "failed" or e.get("failed_captures") for e in slides):
+        data["exit_code"] = ExitCode.INPUTS_FAILED
+    else:
+        data["exit_code"] = ExitCode.QC_FAILED if counts.get("qc_failed") else ExitCode.OK
     data["classifier"] = check.provenance()
     data["check"] = {**run, "rechecked": stamp}
     write_json_atomic(path, data)

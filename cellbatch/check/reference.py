@@ -64,22 +64,24 @@ class ReferenceSource:
         self.cell_diameter = float(cell_diameter)
         self.max_offset = float(cell_diameter if max_offset is None else max_offset)
         self.cache_size = cache_size
-        self._captures: OrderedDict[
-            tuple[str, int], tuple[np.ndarray, tuple[Cell, ...], np.ndarray] | None
-        ] = OrderedDict()
+        self._captures: OrderedDict[tuple[str, int], tuple[np.ndarray, tuple[Cell, ...], np.ndarray] | None] = (
+            OrderedDict()
+        )
         self._arrays: dict[str, Any] = {}
 
-    def crops_for(self, rows: list[dict[str, Any]]) -> list[np.ndarray | None]:
+    def crops_for(self, rows: list[dict[str, Any]], *, slide: str | None = None) -> list[np.ndarray | None]:
         """The reference crop of each row, (256, 256, 3) uint8, or ``None`` when there is none.
 
         ``None`` means the reference capture is missing or unreadable, or no detected cell lies within
-        ``max_offset`` of the row's ``(cx, cy)``.
+        ``max_offset`` of the row's ``(cx, cy)``. ``slide`` (the slide's name, ``<store>/<array>``
+        for a Zarr slide) finds the store when the reference root is a folder of Zarr stores: a Zarr
+        row's ``source`` is only the array path inside its store.
         """
         from cellbatch.crop import crop_window
 
         crops: list[np.ndarray | None] = []
         for row in rows:
-            capture = self._capture(str(row["source"]), int(row.get("frame") or 0))
+            capture = self._capture(str(row["source"]), int(row.get("frame") or 0), slide)
             if capture is None:
                 crops.append(None)
                 continue
@@ -108,15 +110,17 @@ class ReferenceSource:
                 best, best_d = cell, d
         return best
 
-    def _capture(self, source: str, frame: int) -> tuple[np.ndarray, tuple[Cell, ...], np.ndarray] | None:
+    def _capture(
+        self, source: str, frame: int, slide: str | None
+    ) -> tuple[np.ndarray, tuple[Cell, ...], np.ndarray] | None:
         from cellbatch.crop import background_colour
 
-        key = (source, frame)
+        key = (slide, source, frame)
         if key in self._captures:
             self._captures.move_to_end(key)
             return self._captures[key]
         try:
-            image = self._read(source, frame)
+            image = self._read(source, frame, slide)
         except CellbatchError:
             image = None
         if image is None:
@@ -129,40 +133,39 @@ class ReferenceSource:
             self._captures.popitem(last=False)
         return entry
 
-    def _read(self, source: str, frame: int) -> np.ndarray | None:
+    def _read(self, source: str, frame: int, slide: str | None) -> np.ndarray | None:
         path = self.root / source
         if path.is_file() and is_image_file(path):
             return read_image(path)
-        array = self._zarr_array(source)
+        array = self._zarr_array(source, slide)
         if array is None or not 0 <= frame < array.shape[0]:
             return None
         return as_rgb8(np.asarray(array[frame]), f"{self.root}/{source} frame {frame}")
 
-    def _zarr_array(self, source: str) -> Any:
+    def _zarr_array(self, source: str, slide: str | None) -> Any:
         """The Zarr array holding ``source``'s frames, or ``None``.
 
-        ``source`` is ``<store>/<array path>`` relative to the input root, where the store may be the
-        root itself; a reference root that is itself a store also matches sources that start with the
-        input store's own name.
+        ``source`` is the array path inside its store (``"."`` for a store that is one array). The
+        store is the reference root itself, or the folder the slide name gives below the root (the
+        slide name minus the array path).
         """
-        if source in self._arrays:
-            return self._arrays[source]
-        parts = [p for p in source.split("/") if p not in ("", ".")]
+        key = (slide, source)
+        if key in self._arrays:
+            return self._arrays[key]
+        inner = "/".join(p for p in source.split("/") if p not in ("", "."))
         candidates: list[tuple[Path, str]] = []
         if is_zarr_store(self.root):
-            candidates.append((self.root, "/".join(parts)))
-            if parts:
-                candidates.append((self.root, "/".join(parts[1:])))
-        for i in range(1, len(parts) + 1):
-            store = self.root.joinpath(*parts[:i])
-            if is_zarr_store(store):
-                candidates.append((store, "/".join(parts[i:])))
+            candidates.append((self.root, inner))
+        if slide:
+            store = slide[: -len(inner) - 1] if inner and slide.endswith("/" + inner) else slide
+            if store and is_zarr_store(self.root / store):
+                candidates.append((self.root / store, inner))
         array = None
-        for store, inner in candidates:
-            array = _open_array(store, inner)
+        for store, path in candidates:
+            array = _open_array(store, path)
             if array is not None:
                 break
-        self._arrays[source] = array
+        self._arrays[key] = array
         return array
 
 

@@ -94,7 +94,7 @@ def check(
     if reference is not None:
         source = ReferenceSource(reference, detector=detector, cell_diameter=cell_diameter)
     agreement = AgreementCheck(model, settings=settings, reference=source, device=device)
-    result = recheck_output(out_dir, agreement, command=["cellbatch", *sys.argv[1:]])
+    result = recheck_output(out_dir, agreement, command=list(sys.argv))
 
     if as_json:
         click.echo(json.dumps(result, indent=2))
