@@ -153,6 +153,8 @@ def make_bad_corpus(
     outcome["linked_dir"] = "ignored"
 
     outcome.update(_zarr_cases(folder, np.stack([images[i % len(images)] for i in range(ZARR_FRAMES)])))
+    os.symlink("zarr_v3.zarr", folder / "linked_store.zarr", target_is_directory=True)
+    outcome["linked_store.zarr"] = "ignored"
     return outcome
 
 
