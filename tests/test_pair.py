@@ -187,6 +187,20 @@ def test_match_by_name_only_lists_a_source_capture_without_a_namesake() -> None:
     by_side = {u.side: u for u in result.unmatched}
     assert by_side["source"].capture == "b.png" and "no target capture named like b.png" in by_side["source"].reason
     assert by_side["target"].capture == "other.png"
+    assert by_side["target"].reason == "no source capture named like other.png"
+
+
+def test_a_namesake_without_cells_is_named_in_the_reason() -> None:
+    scene = draw_scene(np.random.default_rng(11))
+    blank = np.full_like(scene, 230)
+    result = pair_captures(
+        {"a.png": scene, "b.png": blank}, {"a.png": blank, "b.png": scene}, detector=NucleusDetector()
+    )
+    reasons = {(u.side, u.capture): u.reason for u in result.unmatched}
+    assert reasons == {
+        ("source", "a.png"): "no white cell detected in target capture a.png",
+        ("target", "b.png"): "no white cell detected in source capture b.png",
+    }
 
 
 def test_min_score_leaves_weak_matches_unpaired_with_the_score_in_the_reason() -> None:

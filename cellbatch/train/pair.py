@@ -290,7 +290,7 @@ def iter_pairs(
                 if key in target_reasons:
                     reason, best = target_reasons[key]
                 elif math.isnan(best):
-                    reason = "no source cell was compared with it"
+                    reason = _uncompared_reason(name, source, source_cells, settings.match)
                 elif best < settings.min_score:
                     reason = f"best nucleus template score {best:.2f} < --min-score {settings.min_score:g}"
                 else:
@@ -336,9 +336,7 @@ def align_cells(
     predicted = src_pts - np.asarray(source_xy) + np.asarray(target_xy)
     gate = 0.4 * d + settings.max_scale_change * half
     near = ((predicted[:, None, :] - tgt_pts[None, :, :]) ** 2).sum(-1) <= gate**2
-    dist = ((src_desc**2).sum(1)[:, None] + (tgt_desc**2).sum(1)[None, :] - 2.0 * src_desc @ tgt_desc.T).clip(
-        min=0
-    )
+    dist = ((src_desc**2).sum(1)[:, None] + (tgt_desc**2).sum(1)[None, :] - 2.0 * src_desc @ tgt_desc.T).clip(min=0)
     dist = np.where(near, np.sqrt(dist), np.inf)
     if dist.shape[1] < 2:
         return "too few SIFT keypoints near the target cell"
@@ -374,9 +372,7 @@ def align_cells(
     return Alignment(affine.astype(np.float64), n_inliers, rmse)
 
 
-def crop_source(
-    image: np.ndarray, origin: tuple[int, int], *, size: int = 256, pad: str = "reflect"
-) -> np.ndarray:
+def crop_source(image: np.ndarray, origin: tuple[int, int], *, size: int = 256, pad: str = "reflect") -> np.ndarray:
     """Cut the window at ``origin`` (x0, y0) out of ``image`` without resampling.
 
     ``pad`` is ``"reflect"`` (mirror past the border, edge pixel not repeated) or ``"background"``
@@ -397,14 +393,10 @@ def warp_target(
     return _warp(image, _crop_to_target(affine, origin), size, cv2.INTER_CUBIC, pad)
 
 
-def _warp(
-    image: np.ndarray, crop_to_image: np.ndarray, size: int, interpolation: int, pad: str
-) -> np.ndarray:
+def _warp(image: np.ndarray, crop_to_image: np.ndarray, size: int, interpolation: int, pad: str) -> np.ndarray:
     flags = interpolation | cv2.WARP_INVERSE_MAP
     if pad == "reflect":
-        return cv2.warpAffine(
-            image, crop_to_image, (size, size), flags=flags, borderMode=cv2.BORDER_REFLECT_101
-        )
+        return cv2.warpAffine(image, crop_to_image, (size, size), flags=flags, borderMode=cv2.BORDER_REFLECT_101)
     fill = tuple(int(v) for v in background_colour(image))
     return cv2.warpAffine(
         image, crop_to_image, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=fill
@@ -490,9 +482,7 @@ def write_pairs(
             "started": started,
             "finished": _now(),
         }
-        (tmp / "provenance.json").write_text(
-            json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8"
-        )
+        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
@@ -508,9 +498,7 @@ def write_pairs(
 def check_output(out: Path, *, overwrite: bool) -> None:
     """Raise :class:`OutputError` unless ``out`` can be (re)written."""
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(
-            f"output {out} already exists and is not empty: choose a new folder or pass --overwrite"
-        )
+        raise OutputError(f"output {out} already exists and is not empty: choose a new folder or pass --overwrite")
 
 
 PAIRS_COLUMNS = (
@@ -562,9 +550,7 @@ def _detect_all(
         detection = detector(image)
         nucleus = detection.labels == NUCLEUS
         found[name] = [
-            _CellInfo(
-                name, i, c.cx, c.cy, c.nucleus_area_px, _nucleus_window(nucleus, (c.cx, c.cy), d, as_template)
-            )
+            _CellInfo(name, i, c.cx, c.cy, c.nucleus_area_px, _nucleus_window(nucleus, (c.cx, c.cy), d, as_template))
             for i, c in enumerate(detection.cells)
         ]
         bar.update(1)
@@ -619,9 +605,7 @@ def _template_score(template: np.ndarray, window: np.ndarray) -> tuple[float, fl
     return float(min(best, 1.0)), float(x - margin), float(y - margin)
 
 
-def _candidate_groups(
-    source: list[str], target: list[str], match: str
-) -> list[tuple[list[str], list[str], str]]:
+def _candidate_groups(source: list[str], target: list[str], match: str) -> list[tuple[list[str], list[str], str]]:
     """Split the captures into (source names, target names, how) groups whose cells compete."""
     groups: list[tuple[list[str], list[str], str]] = []
     left_source, left_target = list(source), list(target)
@@ -701,7 +685,13 @@ def _assign(
             if not s.nucleus.any():
                 reason = "no nucleus found in the source cell"
             elif not candidates:
-                reason = f"no target capture named like {s.capture}" if how == "name" else "no target cells"
+                reason = "no target cells to compare with"
+                if how == "name":
+                    reason = (
+                        f"no white cell detected in target capture {tgt_names[0]}"
+                        if tgt_names
+                        else f"no target capture named like {s.capture}"
+                    )
             elif best == -math.inf:
                 reason = "no target cell with a similar nucleus area"
             elif best < min_score:
@@ -710,6 +700,17 @@ def _assign(
                 reason = "its matching target cells went to better-scoring source cells"
             reasons[key] = (reason, best if math.isfinite(best) else math.nan)
     return jobs, reasons, target_best
+
+
+def _uncompared_reason(
+    target_name: str, source: Mapping[str, ImageSource], source_cells: dict[str, list[_CellInfo]], match: str
+) -> str:
+    namesakes = [s for s in source if _stem(s) == _stem(target_name)] if match != "template" else []
+    if namesakes and not source_cells[namesakes[0]]:
+        return f"no white cell detected in source capture {namesakes[0]}"
+    if match == "name" and not namesakes:
+        return f"no source capture named like {target_name}"
+    return "no source cell was compared with it (none left in its folder, or none with a similar nucleus area)"
 
 
 def _areas_compatible(a: int, b: int) -> bool:
@@ -750,9 +751,7 @@ def _crop_to_target(affine: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
     return np.hstack([lin, (lin @ np.asarray(origin, np.float64) + shift)[:, None]])
 
 
-def _make_pair(
-    src: np.ndarray, tgt: np.ndarray, job: _Job, alignment: Alignment, settings: PairSettings
-) -> Pair:
+def _make_pair(src: np.ndarray, tgt: np.ndarray, job: _Job, alignment: Alignment, settings: PairSettings) -> Pair:
     size = settings.crop_size
     s, t = job.source, job.target
     origin = crop_window_origin(s.cx, s.cy, size=size)[:2]
