@@ -167,7 +167,7 @@ def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
 
     if scheduler:
         try:
-            client = Client(scheduler, timeout="10s")
+            client = Client(scheduler, timeout="5s")
         except (OSError, TimeoutError) as exc:
             raise ConfigError(
                 f"no Dask scheduler answers at {scheduler}: start one or drop --scheduler ({exc})"
