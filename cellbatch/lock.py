@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from cellbatch.errors import LockedError
-from cellbatch.safepath import output_errors
+from cellbatch.safepath import output_error, output_errors
 
 LOCK_NAME = ".cellbatch.lock"
 
@@ -85,15 +85,14 @@ class RunLock:
             with output_errors(self.path, doing="create the lock file"):
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                with output_errors(self.path, doing="lock"):
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_info(fd)
                 os.close(fd)
                 raise LockedError(self._message(holder)) from None
-            except BaseException:
+            except OSError as exc:
                 os.close(fd)
-                raise
+                raise output_error(exc, path=self.path, doing="lock") from exc
             if _is_current(fd, self.path):
                 break
             os.close(fd)
