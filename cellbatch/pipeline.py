@@ -10,6 +10,8 @@ loaded once, in this process, which also owns the GPU.
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -175,12 +177,19 @@ def plan_slide(slide: Slide, name: str, out: Path, settings: RunSettings, key_ex
 
 
 def _hash_file(ref: CaptureRef) -> dict[str, Any]:
+    """Size and sha256 of a capture file; nothing for one that is not a readable regular file.
+
+    Such a file still goes to extraction, where :func:`cellbatch.read.read_capture` fails it with
+    the reason (broken link, loop, named pipe, ...); hashing must not block on a pipe meanwhile.
+    """
     entry: dict[str, Any] = {"path": ref.source, "frame": 0, "source": ref.source}
     try:
-        entry["bytes"] = Path(ref.path).stat().st_size
-        entry["sha256"] = sha256_file(ref.path)
-    except OSError as exc:
-        entry["error"] = f"{ref.source}: cannot be read: {exc.strerror or exc}"
+        info = os.stat(ref.path)
+        if stat.S_ISREG(info.st_mode):
+            entry["bytes"] = info.st_size
+            entry["sha256"] = sha256_file(ref.path)
+    except OSError:
+        pass
     return entry
 
 

@@ -54,7 +54,7 @@ def content_key(
     """sha256 over what decides a slide's output; independent of paths outside the input root."""
     payload = {
         "cellbatch": __version__,
-        "inputs": [(i["source"], i["frame"], i["sha256"]) for i in inputs],
+        "inputs": [(i["source"], i["frame"], i.get("sha256")) for i in inputs],
         "parameters": parameters,
         "model": model_sha256,
         "classifier": classifier_sha256,
