@@ -342,9 +342,17 @@ def align_cells(
         return "too few SIFT keypoints near the target cell"
     order = np.argsort(dist, axis=1)[:, :2]
     best = np.take_along_axis(dist, order, axis=1)
-    keep = np.isfinite(best[:, 0]) & (best[:, 0] < _LOWE_RATIO * best[:, 1])
-    if keep.sum() < settings.min_inliers:
-        return f"only {int(keep.sum())} SIFT matches (< {settings.min_inliers})"
+    keep = np.flatnonzero(np.isfinite(best[:, 0]) & (best[:, 0] < _LOWE_RATIO * best[:, 1]))
+    # SIFT repeats a keypoint once per dominant orientation; such repeats would count one
+    # correspondence several times and let RANSAC "confirm" a wrong pair with a handful of points.
+    # Keep one match per source location and per target location, the closest in descriptor space.
+    keep = keep[np.argsort(best[keep, 0], kind="stable")]
+    _, first_src = np.unique(np.round(src_pts[keep] * 2), axis=0, return_index=True)
+    keep = keep[np.sort(first_src)]
+    _, first_tgt = np.unique(np.round(tgt_pts[order[keep, 0]] * 2), axis=0, return_index=True)
+    keep = keep[np.sort(first_tgt)]
+    if len(keep) < settings.min_inliers:
+        return f"only {len(keep)} distinct SIFT matches (< {settings.min_inliers})"
     src_m = src_pts[keep].astype(np.float32)
     tgt_m = tgt_pts[order[keep, 0]].astype(np.float32)
 
