@@ -468,8 +468,10 @@ def validate_slide(slide: Slide, *, limits: ReadLimits = DEFAULT_LIMITS) -> None
                 raise InputFormatError(f"folder {folder} cannot be listed: {exc.strerror}") from exc
             raise InputFormatError(f"folder {folder} holds no capture files")
         return
-    array = open_slide_array(slide)
-    where = _zarr_where(slide)
+    _check_array(open_slide_array(slide), _zarr_where(slide), limits)
+
+
+def _check_array(array: zarr.Array, where: str, limits: ReadLimits) -> None:
     if array.dtype != np.uint8:
         raise InputFormatError(
             f"{where} has dtype {array.dtype}; a slide array must be uint8 (N, H, W, 3): convert it"
@@ -492,8 +494,8 @@ def slide_frame_count(slide: Slide) -> int:
 def read_frame(slide: Slide, index: int, *, limits: ReadLimits = DEFAULT_LIMITS) -> Capture:
     """Read capture ``index`` of a slide: a capture file, or one frame of a Zarr array.
 
-    For a Zarr slide (checked by :func:`validate_slide` first), a frame whose chunk is absent from
-    the store is refused: zarr would silently return the fill value for it.
+    For a Zarr slide, the array is checked as by :func:`validate_slide`, and a frame whose chunk is
+    absent from the store is refused: zarr would silently return the fill value for it.
 
     Raises
     ------
@@ -505,6 +507,8 @@ def read_frame(slide: Slide, index: int, *, limits: ReadLimits = DEFAULT_LIMITS)
     if slide.kind == "dir":
         return read_capture(slide.captures[index], limits=limits)
     array = open_slide_array(slide)
+    # repeated here (it is cheap) so a caller that skipped validate_slide still cannot allocate a giant frame
+    _check_array(array, _zarr_where(slide), limits)
     count = array.shape[0]
     if not 0 <= index < count:
         raise IndexError(f"frame {index} outside 0..{count - 1} of {_zarr_where(slide)}")

@@ -235,3 +235,12 @@ def test_directory_slide_frames_are_its_capture_files(corpus):
 def test_empty_directory_slide_says_it_has_no_captures(tmp_path):
     with pytest.raises(InputFormatError, match="holds no capture files"):
         validate_slide(Slide(tmp_path, ".", "dir"))
+
+
+def test_giant_zarr_frame_is_refused_even_without_validation(tmp_path):
+    store = tmp_path / "giant.zarr"
+    zarr.create_array(store=str(store), shape=(1, 100_000, 100_000, 3), chunks=(1, 1000, 1000, 3), dtype="uint8")
+    (slide,) = discover_slides(store)
+    for check in (validate_slide, lambda s: read_frame(s, 0)):
+        with pytest.raises(InputFormatError, match="megapixel limit"):
+            check(slide)
