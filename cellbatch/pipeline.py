@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,7 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     generation: str = "skipped (no --model)"
     finished: str | None = None
+    _saved_at: float = field(default=0.0, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -122,8 +124,17 @@ class RunReport:
             "failures": self.failures,
         }
 
-    def save(self) -> None:
+    def save(self, *, every: float = 0.0) -> None:
+        """Write ``run.json``; with ``every``, only if the last write is that many seconds old.
+
+        Rewriting it after each of thousands of slides would cost quadratic time, yet a killed run
+        should leave a recent one behind.
+        """
+        now = time.monotonic()
+        if every and now - self._saved_at < every:
+            return
         write_json_atomic(self.out / "run.json", self.to_dict())
+        self._saved_at = now
 
 
 def slide_names(sources: list[Path], *, exclude: tuple[Path, ...] = ()) -> Iterator[tuple[Slide, str]]:
@@ -403,7 +414,7 @@ def run_slides(
                     report.slides.append(current.commit(provenance_base))
                     report.failures.extend({"slide": plan.name, **f} for f in plan.failures)
                     current = None
-                    report.save()
+                    report.save(every=5.0)
         except CellbatchError as exc:
             if exc.exit_code == ExitCode.COULD_NOT_RUN and not isinstance(exc, InputFormatError):
                 if current is not None:
@@ -424,7 +435,7 @@ def _finish_without_run(plan: SlidePlan, report: RunReport, on_progress: Callabl
     else:
         report.slides.append(SlideReport(name=plan.name, status="failed", reason=plan.reason, captures=len(plan.refs)))
         report.failures.append({"slide": plan.name, "path": plan.name, "reason": plan.reason})
-    report.save()
+    report.save(every=5.0)
 
 
 def _fail_slide(plan: SlidePlan, current: SlideRun | None, reason: str, report: RunReport) -> None:
@@ -436,7 +447,7 @@ def _fail_slide(plan: SlidePlan, current: SlideRun | None, reason: str, report: 
     ))
     report.failures.append({"slide": plan.name, "path": plan.name, "reason": reason})
     report.failures.extend({"slide": plan.name, **f} for f in plan.failures)
-    report.save()
+    report.save(every=5.0)
 
 
 def _worker_threads(client: Any) -> int:
