@@ -326,6 +326,29 @@ def test_pairs_synthetic_dm1200_and_dm96_looks_with_the_registered_detector() ->
         assert p.ncc > 0.95
 
 
+def test_recovers_a_known_similarity_on_real_dm96_captures(shared_data: Path) -> None:
+    """Real texture: PBC DM96 captures against a moved, recoloured copy of themselves."""
+    pytest.importorskip("cellbatch.detect.threshold", reason="the threshold detector is not in this checkout yet")
+    from cellbatch.read import read_image
+    from cellbatch.registry import detectors
+
+    detect = detectors.get("threshold")(DetectSettings(cell_diameter=D))
+    for cell_type in ("neutrophil", "monocyte", "eosinophil"):
+        path = sorted((shared_data / "pbc" / cell_type).glob("*.jpg"))[0]
+        image = read_image(path)
+        h, w = image.shape[:2]
+        known = cv2.getRotationMatrix2D((w / 2, h / 2), 3.0, 1.03)
+        known[:, 2] += (7, -5)
+        moved = cv2.warpAffine(image, known, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)
+        target = np.clip(moved * np.array([0.92, 0.88, 1.04]) + (8, 4, -6), 0, 255).astype(np.uint8)
+
+        (pair,) = pair_captures({"a.jpg": image}, {"a.jpg": target}, detector=detect).pairs
+
+        x0, y0 = pair.crop_origin
+        pts = np.array([[x0, y0], [x0 + 255, y0 + 255], pair.source_xy], float)
+        assert np.abs(apply(pair.alignment.affine, apply(known, pts)) - pts).max() < 1.0, path
+
+
 @pytest.fixture
 def capture_dirs(tmp_path: Path) -> tuple[Path, Path]:
     rng = np.random.default_rng(10)

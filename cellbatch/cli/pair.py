@@ -36,7 +36,7 @@ from cellbatch.cli.options import cell_diameter_option, detector_option, json_op
 @click.option(
     "--min-score",
     type=click.FloatRange(-1, 1),
-    default=0.7,
+    default=0.5,
     show_default=True,
     help="Least nucleus template score (normalised correlation) for two cells to pair.",
 )

@@ -94,7 +94,7 @@ class PairSettings:
     """
 
     cell_diameter: float = 110.0
-    min_score: float = 0.7
+    min_score: float = 0.5
     match: Literal["auto", "name", "template"] = "auto"
     transform: Literal["similarity", "affine"] = "similarity"
     min_inliers: int = 8
