@@ -417,6 +417,11 @@ def _decode_tiff(fh: IO[bytes], where: str, limits: ReadLimits) -> tuple[np.ndar
                     f"{where} is a TIFF with {page.samplesperpixel} samples of type {page.dtype} per pixel; "
                     "captures must be 8-bit RGB: convert it"
                 )
+            if page.compression not in tifffile.TIFF.DECOMPRESSORS:
+                raise InputFormatError(
+                    f"{where} is a TIFF compressed with {page.compression.name}, which needs the optional "
+                    "'imagecodecs' package: install it or save the capture uncompressed"
+                )
             end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)), default=0)
             if end > file_size:
                 raise InputFormatError(

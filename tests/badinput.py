@@ -53,6 +53,7 @@ EXPECTED_TEXT = {
     "captures/palette.png": "palette",
     "captures/rgb16.tif": "16-bit",
     "zarr_missing_chunk.zarr[1]": "absent from the store",
+    "zarr_damaged_chunk.zarr[1]": "could not be decoded",
     "zarr_wrong_dtype.zarr": "dtype uint16",
     "zarr_wrong_rank.zarr": "(N, H, W, 3)",
     "zarr_corrupt.zarr": "not a readable Zarr array",
@@ -191,6 +192,14 @@ def _zarr_cases(folder: Path, frames: np.ndarray) -> dict[str, str]:
     (folder / "zarr_missing_chunk.zarr" / missing.metadata.encode_chunk_key((1, 0, 0, 0))).unlink()
     frames_ok("zarr_missing_chunk.zarr")
     outcome["zarr_missing_chunk.zarr[1]"] = "failed"
+
+    damaged = zarr.create_array(
+        store=str(folder / "zarr_damaged_chunk.zarr"), shape=frames.shape, chunks=chunks, dtype="uint8"
+    )
+    damaged[:] = frames
+    (folder / "zarr_damaged_chunk.zarr" / damaged.metadata.encode_chunk_key((1, 0, 0, 0))).write_bytes(b"garbage")
+    frames_ok("zarr_damaged_chunk.zarr")
+    outcome["zarr_damaged_chunk.zarr[1]"] = "failed"
 
     wide = zarr.create_array(
         store=str(folder / "zarr_wrong_dtype.zarr"), shape=frames.shape, chunks=chunks, dtype="uint16"

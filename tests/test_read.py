@@ -242,3 +242,17 @@ def test_damaged_png_chunk_is_refused_not_crashed(tmp_path):
     with pytest.raises(InputFormatError) as info:
         read_capture(tmp_path / "damaged.png")
     assert "\n" not in str(info.value)
+
+
+def test_tiff_needing_a_missing_codec_says_which_package(tmp_path):
+    if 5 in tifffile.TIFF.DECOMPRESSORS:
+        pytest.skip("imagecodecs is installed, so LZW decodes")
+    path = tmp_path / "lzw.tif"
+    tifffile.imwrite(path, synthetic_capture(height=48, width=64))
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages.first.tags["Compression"].valueoffset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 2] = (5).to_bytes(2, "little")  # claim LZW
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputFormatError, match="compressed with LZW.*imagecodecs"):
+        read_capture(path)

@@ -71,6 +71,7 @@ def test_discovery_finds_folders_and_every_zarr_array_but_not_links_or_hidden(co
     assert names == [
         "captures",
         "zarr_corrupt.zarr",
+        "zarr_damaged_chunk.zarr",
         "zarr_group.zarr/slide 1",
         "zarr_group.zarr/sub/slide-2",
         "zarr_missing_chunk.zarr",
