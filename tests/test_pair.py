@@ -274,6 +274,25 @@ def test_write_pairs_writes_same_named_crops_and_both_tables(tmp_path: Path) -> 
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left behind
 
 
+def test_an_unreadable_capture_is_reported_as_an_input_error_and_leaves_no_output(tmp_path: Path) -> None:
+    from cellbatch.errors import InputNotFoundError
+    from cellbatch.train.pair import iter_pairs
+
+    scene = draw_scene(np.random.default_rng(12))
+    missing = tmp_path / "gone.png"
+    with pytest.raises(InputNotFoundError):
+        write_pairs(iter_pairs({"a.png": scene}, {"a.png": missing}, detector=NucleusDetector()), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pairing_is_deterministic() -> None:
+    source = draw_scene(np.random.default_rng(13))
+    target = as_target(source, similarity(2.0, 1.02, (4, -3)), optics=True)
+    first, second = (pair_captures({"a": source}, {"a": target}, detector=NucleusDetector()).pairs[0] for _ in range(2))
+    assert np.array_equal(first.alignment.affine, second.alignment.affine)
+    assert np.array_equal(first.target_crop, second.target_crop)
+
+
 def test_write_pairs_refuses_a_non_empty_output_unless_told(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(OutputError, match="--overwrite"):

@@ -43,7 +43,7 @@ import numpy as np
 
 from cellbatch.crop import background_colour, crop_window_origin
 from cellbatch.detect.base import NUCLEUS, Detection
-from cellbatch.errors import ConfigError, InputFormatError, OutputError
+from cellbatch.errors import CellbatchError, ConfigError, InputFormatError, OutputError
 from cellbatch.read import Slide, read_frame, read_image
 
 ImageSource = np.ndarray | Path | Callable[[], np.ndarray]
@@ -491,9 +491,14 @@ def write_pairs(
             "finished": _now(),
         }
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
         os.replace(tmp, out)
+    except CellbatchError:  # an unreadable capture, say: report it as it is, not as an output problem
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"could not write pairs to {out}: {exc}") from exc
@@ -736,20 +741,12 @@ def _sift(image: np.ndarray, xy: tuple[float, float], half: float) -> tuple[np.n
     if x1 - x0 < 16 or y1 - y0 < 16:
         return np.zeros((0, 2)), np.zeros((0, 128), np.float32)
     gray = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
-    keypoints, desc = _sift_detector().detectAndCompute(gray, None)
+    # A detector per call: creating one is cheap, and sharing one between threads is not documented safe.
+    keypoints, desc = cv2.SIFT_create(nfeatures=_SIFT_FEATURES).detectAndCompute(gray, None)
     if desc is None:
         return np.zeros((0, 2)), np.zeros((0, 128), np.float32)
     pts = np.array([kp.pt for kp in keypoints], np.float64) + (x0, y0)
     return pts, desc.astype(np.float32)
-
-
-_SIFT: list = []
-
-
-def _sift_detector():
-    if not _SIFT:
-        _SIFT.append(cv2.SIFT_create(nfeatures=_SIFT_FEATURES))
-    return _SIFT[0]
 
 
 def _crop_to_target(affine: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
