@@ -56,7 +56,7 @@ class SlidePlan:
 
     slide: Slide
     name: str  # the output name: relative path below OUT
-    out_dir: Path
+    out_dir: Path | None = None  # None when the name maps to no safe folder inside OUT
     refs: list[CaptureRef] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -161,8 +161,9 @@ def slide_names(sources: list[Path], *, exclude: tuple[Path, ...] = ()) -> Itera
 
 def plan_slide(slide: Slide, name: str, out: Path, settings: RunSettings, key_extra: dict[str, Any]) -> SlidePlan:
     """Hash the slide's inputs and decide: run it, skip it (output complete and unchanged), or fail it."""
-    plan = SlidePlan(slide=slide, name=name, out_dir=output_dir_for(out, name))
+    plan = SlidePlan(slide=slide, name=name)
     try:
+        plan.out_dir = output_dir_for(out, name)
         validate_slide(slide)
         if slide.kind == "zarr":
             for frame in range(slide_frame_count(slide)):

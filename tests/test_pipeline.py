@@ -153,3 +153,73 @@ def test_unknown_normaliser_is_a_one_line_error(tmp_path, cellbatch):
 def test_missing_input_is_a_one_line_error(tmp_path, cellbatch):
     code, _, err = cellbatch("run", tmp_path / "nowhere", "-o", tmp_path / "out", *TOY)
     assert code != 0 and "nowhere" in err and "Traceback" not in err
+
+
+def test_full_disk_stops_the_run_with_one_line(tmp_path, cellbatch, monkeypatch):
+    import errno
+
+    from cellbatch.write import SlideWriter
+
+    write_slides(tmp_path / "in", slides={"s": 2})
+
+    def disk_full(self, rows, arrays):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SlideWriter, "add", disk_full)
+    code, _, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", *TOY)
+    assert code == ExitCode.COULD_NOT_RUN
+    assert "no space left" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "out" / "s").exists()
+
+
+def test_second_run_on_the_same_out_is_refused(tmp_path, cellbatch):
+    import subprocess
+    import sys
+
+    write_slides(tmp_path / "in", slides={"s": 1})
+    (tmp_path / "out").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from cellbatch.lock import RunLock;"
+         "lock = RunLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); time.sleep(60)",
+         str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", *TOY)
+        assert code == ExitCode.COULD_NOT_RUN and str(holder.pid) in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", *TOY)[0] == 0  # a dead holder blocks nothing
+
+
+def test_model_sha256_mismatch_refuses_the_model(tmp_path, cellbatch):
+    write_slides(tmp_path / "in", slides={"s": 1})
+    model = save_generator(Identity(), tmp_path / "id.pt")
+    code, _, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--model", model,
+                             "--model-sha256", "ab" * 32, *TOY)
+    assert code == ExitCode.COULD_NOT_RUN and "sha256" in err
+    good = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--model", model, "--model-sha256", good,
+                     *TOY)[0] == 0
+
+
+def test_hostile_slide_names_never_write_outside_out(tmp_path, cellbatch):
+    write_slides(tmp_path / "in", slides={"evil": 1})
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "evil").symlink_to(outside, target_is_directory=True)
+    code, out, _ = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--json", *TOY)
+    assert not any(outside.iterdir())
+    summary = json.loads(out)
+    assert summary["slides"][0]["status"] == "failed" and "symlink" in summary["slides"][0]["reason"]
+
+
+def test_untrained_model_is_marked_in_provenance_and_run_json(tmp_path, cellbatch):
+    write_slides(tmp_path / "in", slides={"s": 1})
+    model = save_generator(Identity(), tmp_path / "fresh.pt", trained=False)
+    code, out, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--model", model, "--json", *TOY)
+    assert code == 0 and "UNTRAINED" in err
+    assert any("UNTRAINED" in n for n in json.loads(out)["notes"])
+    prov = json.loads((tmp_path / "out" / "s" / "provenance.json").read_text())
+    assert prov["model"]["trained"] is False
