@@ -148,7 +148,7 @@ def test_template_search_pairs_cells_across_unrelated_names_and_lists_the_rest()
     result = pair_captures(source, target, detector=NucleusDetector())
 
     expected = {"dm1200/0.png": ("dm96/y.jpg", moves[0]), "dm1200/2.png": ("dm96/x.jpg", moves[2])}
-    assert sorted(p.name for p in result.pairs) == ["dm1200/0_c0", "dm1200/0_c1", "dm1200/2_c0"]
+    assert sorted(p.name for p in result.pairs) == ["dm1200__0_c0", "dm1200__0_c1", "dm1200__2_c0"]
     for p in result.pairs:
         target_name, move = expected[p.source]
         assert p.target == target_name and p.matched_by == "template"
@@ -252,12 +252,12 @@ def test_write_pairs_writes_same_named_crops_and_both_tables(tmp_path: Path) -> 
     counts = write_pairs(result, out, parameters={"min_score": 0.7}, command=["cellbatch", "pair"])
 
     assert counts == {"pairs": 1, "unmatched_source": 1, "unmatched_target": 0}
-    src = cv2.imread(str(out / "source/slide/a_c0.png"))[..., ::-1]
-    tgt = cv2.imread(str(out / "target/slide/a_c0.png"))[..., ::-1]
+    src = cv2.imread(str(out / "source/slide__a_c0.png"))[..., ::-1]
+    tgt = cv2.imread(str(out / "target/slide__a_c0.png"))[..., ::-1]
     assert np.array_equal(src, result.pairs[0].source_crop) and np.array_equal(tgt, result.pairs[0].target_crop)
     with open(out / "pairs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == PAIRS_COLUMNS and rows[0]["name"] == "slide/a_c0"
+    assert tuple(rows[0]) == PAIRS_COLUMNS and rows[0]["name"] == "slide__a_c0"
     affine = np.array(
         [
             [float(rows[0][k]) for k in ("a11", "a12", "a13")],
@@ -283,6 +283,14 @@ def test_an_unreadable_capture_is_reported_as_an_input_error_and_leaves_no_outpu
     with pytest.raises(InputNotFoundError):
         write_pairs(iter_pairs({"a.png": scene}, {"a.png": missing}, detector=NucleusDetector()), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pair_names_are_flat_file_stems() -> None:
+    from cellbatch.train.pair import pair_name
+
+    assert pair_name("slide1/img7.png", 0) == "slide1__img7_c0"
+    assert pair_name("img7.jpg", 2) == "img7_c2"
+    assert pair_name("/abs/x.png", 1) == "abs__x_c1"  # never a path outside the output folder
 
 
 def test_pairing_is_deterministic() -> None:
@@ -398,7 +406,7 @@ def test_cli_pairs_folders_and_refuses_to_overwrite(capture_dirs: tuple[Path, Pa
     summary = json.loads(capsys.readouterr().out)
     assert summary["pairs"] == 2 and summary["unmatched_source"] == 0
     names = sorted(p.relative_to(out / "source").as_posix() for p in (out / "source").rglob("*.png"))
-    assert names == ["slide/cap0_c0.png", "slide/cap1_c0.png"]
+    assert names == ["slide__cap0_c0.png", "slide__cap1_c0.png"]
     assert names == sorted(p.relative_to(out / "target").as_posix() for p in (out / "target").rglob("*.png"))
 
     with pytest.raises(SystemExit) as exit_info:

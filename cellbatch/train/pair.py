@@ -770,7 +770,7 @@ def _make_pair(src: np.ndarray, tgt: np.ndarray, job: _Job, alignment: Alignment
     tx, ty = m[0, 0] * u + m[0, 1] * v + m[0, 2], m[1, 0] * u + m[1, 1] * v + m[1, 2]
     both = inside_src & (tx >= 0) & (tx <= tgt.shape[1] - 1) & (ty >= 0) & (ty <= tgt.shape[0] - 1)
     return Pair(
-        name=f"{_stem(s.capture)}_c{s.index}",
+        name=pair_name(s.capture, s.index),
         source=s.capture,
         target=t.capture,
         source_cell=s.index,
@@ -818,10 +818,18 @@ def _f(value: float, digits: int = 2) -> str:
     return "" if math.isnan(value) else f"{value:.{digits}f}"
 
 
+def pair_name(capture: str, cell: int) -> str:
+    """File stem of a pair: the capture's relative path without suffix, folders joined by ``__``, then
+    ``_c<cell>``. Flat, because training reads ``source/*.png`` (e.g. ``slide1/img7.png`` cell 0 ->
+    ``slide1__img7_c0``)."""
+    parts = [part for part in PurePosixPath(_stem(capture)).parts if part != "/"]
+    return f"{'__'.join(parts)}_c{cell}"
+
+
 def _write_crop(root: Path, side: str, name: str, crop: np.ndarray) -> None:
-    path = (root / side / f"{name}.png").resolve()
-    if not path.is_relative_to((root / side).resolve()):
-        raise OutputError(f"pair name {name!r} escapes the output folder: rename the capture")
+    path = root / side / f"{name}.png"
+    if path.exists():
+        raise OutputError(f"two pairs are both named {name}: rename one of their captures (folders join with __)")
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)):
         raise OutputError(f"could not write {path}: check the disk and permissions")
