@@ -61,7 +61,7 @@ def main() -> None:
         done = 0
         start = time.perf_counter()
 
-        def on_progress(n_captures: int, n_cells: int) -> None:
+        def on_progress(n_captures: int, n_cells: int, n_slides: int) -> None:
             nonlocal done
             done += n_captures
             while checkpoints and done >= checkpoints[0]:

@@ -44,7 +44,7 @@ def convert(
     workers: int | None = None,
     force: bool = False,
     command: list[str] | None = None,
-    on_progress: Callable[[int, int], None] = lambda captures, cells: None,
+    on_progress: Callable[[int, int, int], None] = lambda captures, cells, slides: None,
     on_warning: Callable[[str], None] = lambda message: None,
 ) -> RunReport:
     """Convert every slide in ``sources`` into ``out``; see ``cellbatch run --help`` for the options.

@@ -389,7 +389,7 @@ def run_slides(
     provenance_base: dict[str, Any],
     key_extra: dict[str, Any],
     report: RunReport,
-    on_progress: Callable[[int, int], None] = lambda captures, cells: None,
+    on_progress: Callable[[int, int, int], None] = lambda captures, cells, slides: None,
 ) -> RunReport:
     """Process every slide of ``sources`` into ``out``; every slide ends done, skipped or failed."""
     # OUT may sit inside a SRC folder: never read our own results back as captures.
@@ -406,13 +406,14 @@ def run_slides(
             with output_errors(plan.out_dir, doing="write the results of slide"):
                 if i == 0:
                     current = SlideRun(plan, stages, settings, out)
-                    on_progress(len(plan.failures), 0)  # captures that failed while hashing
+                    on_progress(len(plan.failures), 0, 0)  # captures that failed while hashing
                 cells = current.add(results)
-                on_progress(len(results), cells)
+                on_progress(len(results), cells, 0)
                 if i == n - 1:
                     if plan.refs and len(plan.failures) == len(plan.refs):
                         raise InputFormatError(f"every capture of slide {plan.name} failed; see failures in run.json")
                     report.slides.append(current.commit(provenance_base))
+                    on_progress(0, 0, 1)
                     report.failures.extend({"slide": plan.name, **f} for f in plan.failures)
                     current = None
                     report.save(every=5.0)
@@ -422,12 +423,15 @@ def run_slides(
                     current.abort()
                 raise
             _fail_slide(plan, current, str(exc), report)
+            on_progress(0, 0, 1)
             current = None
     return report
 
 
-def _finish_without_run(plan: SlidePlan, report: RunReport, on_progress: Callable[[int, int], None]) -> None:
-    on_progress(len(plan.refs), 0)
+def _finish_without_run(
+    plan: SlidePlan, report: RunReport, on_progress: Callable[[int, int, int], None]
+) -> None:
+    on_progress(len(plan.refs), 0, 1)
     if plan.action == "skip":
         report.slides.append(SlideReport(
             name=plan.name, status="skipped", captures=len(plan.refs), output=str(plan.out_dir),

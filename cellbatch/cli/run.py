@@ -71,20 +71,22 @@ def run(sources: tuple[Path, ...], out: Path, classes: str | None, quiet: bool, 
 
 
 @contextmanager
-def progress_bar(quiet: bool) -> Iterator[Callable[[int, int], None]]:
+def progress_bar(quiet: bool) -> Iterator[Callable[[int, int, int], None]]:
     """A tqdm bar over captures with cells/s, on a terminal only (quiet in logs and pipelines)."""
     from tqdm import tqdm
 
     disable = quiet or not sys.stderr.isatty()
     with tqdm(unit="capture", disable=disable, dynamic_ncols=True, file=sys.stderr) as bar:
-        cells = 0
+        cells = slides = 0
 
-        def on_progress(n_captures: int, n_cells: int) -> None:
-            nonlocal cells
+        def on_progress(n_captures: int, n_cells: int, n_slides: int) -> None:
+            nonlocal cells, slides
             cells += n_cells
+            slides += n_slides
             bar.update(n_captures)
             elapsed = bar.format_dict["elapsed"]
-            bar.set_postfix(cells=cells, cells_per_s=f"{cells / elapsed:.1f}" if elapsed else "-", refresh=False)
+            bar.set_postfix(slides=slides, cells=cells, cells_per_s=f"{cells / elapsed:.1f}" if elapsed else "-",
+                            refresh=False)
 
         yield on_progress
 
