@@ -1,12 +1,14 @@
 """``--normalise macenko:PROFILE.json``: Macenko stain normalisation (Macenko et al., ISBI 2009).
 
-Colours become optical densities ``OD = -log((I + 1) / 256)``; pixels with little stain (any
-channel OD below ``BETA``) are dropped; the two stain vectors are the directions at the
+Colours become optical densities ``OD = -log((I + 1) / (I0 + 1))`` against the image's own
+background colour ``I0`` (the median of its brightest quarter: DM backgrounds are far from white,
+and the original's fixed I0 = 255 would count the lamp's tint as stain); pixels with little stain
+(any channel OD below ``BETA``) are dropped; the two stain vectors are the directions at the
 ``ALPHA`` and ``100 - ALPHA`` percentiles of angle in the plane of the two largest principal
 components of the rest. Every pixel is unmixed into two stain concentrations, each concentration
 is rescaled so its 99th percentile matches the target's, and the pixel is remixed with the
-target's stain vectors. Stains are estimated per crop; the profile holds the target's stain
-vectors and maximal concentrations, pooled over the target set.
+target's stain vectors and background. Stains are estimated per crop; the profile holds the
+target's stain vectors, maximal concentrations and background colour, pooled over the target set.
 
 The method models two stains (haematoxylin and eosin in histology; with May-Grünwald-Giemsa the
 azure-eosin pair) and a white light, so it cannot move the background colour independently.
@@ -27,9 +29,16 @@ MIN_STAINED = 200  # fewer stained pixels than this and a crop is returned uncha
 MAX_FIT_PIXELS = 400_000  # pooled target pixels kept (a fixed-seed sample) for the fit
 
 
-def optical_density(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (H*W, 3) float64 optical density."""
-    return -np.log((image.reshape(-1, 3).astype(np.float64) + 1) / 256)
+def background(image: np.ndarray) -> np.ndarray:
+    """(3,) float64 background colour of an (H, W, 3) uint8 image: median of its brightest quarter."""
+    flat = image.reshape(-1, 3)
+    brightness = flat.sum(axis=1, dtype=np.int32)
+    return np.median(flat[brightness >= np.quantile(brightness, 0.75)], axis=0).astype(np.float64)
+
+
+def optical_density(image: np.ndarray, light: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (H*W, 3) float64 optical density against the ``light`` colour (3,)."""
+    return np.maximum(-np.log((image.reshape(-1, 3).astype(np.float64) + 1) / (light + 1)), 0.0)
 
 
 def stain_vectors(od: np.ndarray) -> np.ndarray | None:
@@ -62,10 +71,13 @@ def fit_macenko(target: Iterable[np.ndarray]) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``{"target": {"stains": (3, 2), "max_concentration": (2,), "pixels": n}}`` for
+        ``{"target": {"stains": (3, 2), "max_concentration": (2,), "background": (3,), "pixels": n}}``, for
         :func:`~cellbatch.normalise.profile.write_profile`.
     """
-    chunks = [optical_density(image) for image in target]
+    chunks, lights = [], []
+    for image in target:
+        lights.append(background(image))
+        chunks.append(optical_density(image, lights[-1]))
     if not chunks:
         raise ValueError("fit_macenko needs at least one target image")
     od = np.concatenate(chunks)
@@ -75,19 +87,21 @@ def fit_macenko(target: Iterable[np.ndarray]) -> dict[str, Any]:
     if he is None:
         raise ValueError("the target images hold too few stained pixels to estimate stain vectors")
     max_c = np.percentile(concentrations(od, he), 99, axis=1)
-    return {"target": {"stains": he, "max_concentration": max_c, "pixels": int(od.shape[0])}}
+    light = np.median(np.stack(lights), axis=0)
+    return {"target": {"stains": he, "max_concentration": max_c, "background": light, "pixels": int(od.shape[0])}}
 
 
-def macenko(image: np.ndarray, *, stains: np.ndarray, max_concentration: np.ndarray) -> np.ndarray:
-    """Remix one (H, W, 3) uint8 RGB image with target ``stains`` (3, 2) and ``max_concentration`` (2,)."""
-    od = optical_density(image)
+def macenko(image: np.ndarray, *, stains: np.ndarray, max_concentration: np.ndarray, light: np.ndarray) -> np.ndarray:
+    """Remix one (H, W, 3) uint8 RGB image with the target's ``stains`` (3, 2), ``max_concentration``
+    (2,) and background colour ``light`` (3,)."""
+    od = optical_density(image, background(image))
     he = stain_vectors(od)
     if he is None:
         return image.copy()
     c = concentrations(od, he)
     src_max = np.percentile(c, 99, axis=1)
     c *= (max_concentration / np.maximum(src_max, 1e-6))[:, None]
-    rgb = 256 * np.exp(-(stains @ c)) - 1
+    rgb = (light[:, None] + 1) * np.exp(-(stains @ c)) - 1
     return np.clip(rgb.T + 0.5, 0, 255).astype(np.uint8).reshape(image.shape)
 
 
@@ -101,11 +115,12 @@ class MacenkoNormaliser:
         self.profile = read_profile(arg, method="macenko")
         self.stains = self.profile.array("target", "stains", shape=(3, 2))
         self.max_concentration = self.profile.array("target", "max_concentration", shape=(2,))
+        self.light = self.profile.array("target", "background", shape=(3,))
 
     def __call__(self, crops: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
         out = np.empty_like(crops)
         for i in range(crops.shape[0]):
-            out[i] = macenko(crops[i], stains=self.stains, max_concentration=self.max_concentration)
+            out[i] = macenko(crops[i], stains=self.stains, max_concentration=self.max_concentration, light=self.light)
         return out
 
     def provenance(self) -> dict[str, Any]:
