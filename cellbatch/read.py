@@ -143,8 +143,8 @@ def read_capture(path: str | Path, *, limits: ReadLimits = DEFAULT_LIMITS) -> Ca
     ((480, 640, 3), ())
     """
     path = Path(path)
-    where = str(path)
-    with _open_regular_file(path) as fh:
+    where = display_path(path)
+    with _open_regular_file(path, where) as fh:
         try:
             head = fh.read(16)
             kind = _sniff(head)
@@ -215,6 +215,23 @@ def _convert_to_rgb8(image: np.ndarray, where: str) -> tuple[np.ndarray, list[st
     return np.ascontiguousarray(image), notes
 
 
+def display_path(path: str | os.PathLike[str]) -> str:
+    r"""``path`` as text fit for a one-line message: control characters and undecodable bytes escaped.
+
+    Spaces and non-ASCII letters are kept; a newline in a file name would otherwise split the
+    message, and an undecodable byte (a lone surrogate in Python) cannot be written as UTF-8.
+
+    Examples
+    --------
+    >>> display_path("slide é/new\nline.png")
+    'slide é/new\\nline.png'
+    """
+    text = os.fspath(path)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _low_16bit_reason(where: str, peak: int) -> str:
     return (
         f"{where} is 16-bit but its brightest value is {peak} (at most 12-bit data): keeping the high "
@@ -222,7 +239,7 @@ def _low_16bit_reason(where: str, peak: int) -> str:
     )
 
 
-def _open_regular_file(path: Path) -> IO[bytes]:
+def _open_regular_file(path: Path, where: str) -> IO[bytes]:
     # O_NONBLOCK: opening a FIFO named like a capture must not wait for a writer forever; it is
     # refused below as not a regular file. fstat on the open descriptor avoids a check-then-open race.
     try:
@@ -230,20 +247,20 @@ def _open_regular_file(path: Path) -> IO[bytes]:
     except FileNotFoundError as exc:
         if path.is_symlink():
             raise InputNotFoundError(
-                f"{path} is a broken symlink to {os.readlink(path)}: fix or remove the link"
+                f"{where} is a broken symlink to {display_path(os.readlink(path))}: fix or remove the link"
             ) from exc
-        raise InputNotFoundError(f"{path} does not exist") from exc
+        raise InputNotFoundError(f"{where} does not exist") from exc
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise InputFormatError(f"{path} is a symlink loop: fix or remove the link") from exc
-        raise InputFormatError(f"{path} cannot be opened: {exc.strerror}") from exc
+            raise InputFormatError(f"{where} is a symlink loop: fix or remove the link") from exc
+        raise InputFormatError(f"{where} cannot be opened: {exc.strerror}") from exc
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise InputFormatError(f"{path} is not a regular file ({_file_kind(info.st_mode)}): remove it")
+        raise InputFormatError(f"{where} is not a regular file ({_file_kind(info.st_mode)}): remove it")
     if info.st_size == 0:
         os.close(fd)
-        raise InputFormatError(f"{path} is empty (0 bytes): re-export the capture")
+        raise InputFormatError(f"{where} is empty (0 bytes): re-export the capture")
     return os.fdopen(fd, "rb")
 
 
@@ -470,8 +487,8 @@ def validate_slide(slide: Slide, *, limits: ReadLimits = DEFAULT_LIMITS) -> None
             try:
                 os.listdir(folder)
             except OSError as exc:
-                raise InputFormatError(f"folder {folder} cannot be listed: {exc.strerror}") from exc
-            raise InputFormatError(f"folder {folder} holds no capture files")
+                raise InputFormatError(f"folder {display_path(folder)} cannot be listed: {exc.strerror}") from exc
+            raise InputFormatError(f"folder {display_path(folder)} holds no capture files")
         return
     _check_array(open_slide_array(slide), _zarr_where(slide), limits)
 
@@ -547,7 +564,8 @@ def _missing_chunk(array: zarr.Array, index: int) -> str | None:
 
 
 def _zarr_where(slide: Slide) -> str:
-    return f"Zarr {slide.store}" + (f" array {slide.array_path!r}" if slide.array_path else "")
+    array = f" array {display_path(slide.array_path)!r}" if slide.array_path else ""
+    return f"Zarr {display_path(slide.store or slide.root)}{array}"
 
 
 # --- discovery -----------------------------------------------------------------------------------

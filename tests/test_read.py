@@ -256,3 +256,12 @@ def test_tiff_needing_a_missing_codec_says_which_package(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(InputFormatError, match="compressed with LZW.*imagecodecs"):
         read_capture(path)
+
+
+def test_reason_stays_one_line_for_names_with_control_characters(tmp_path):
+    path = tmp_path / "new\nline\x1b.png"
+    path.write_bytes(b"")
+    with pytest.raises(InputFormatError, match="empty") as info:
+        read_capture(path)
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value)
+    assert "new\\nline\\x1b.png" in str(info.value)
