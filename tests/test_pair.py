@@ -293,6 +293,16 @@ def test_pair_names_are_flat_file_stems() -> None:
     assert pair_name("/abs/x.png", 1) == "abs__x_c1"  # never a path outside the output folder
 
 
+def test_write_pairs_refuses_two_pairs_with_one_name(tmp_path: Path) -> None:
+    scene = draw_scene(np.random.default_rng(14))
+    captures = {"a/b.png": scene, "a__b.png": scene}
+    result = pair_captures(captures, captures, detector=NucleusDetector(), settings=PairSettings(match="name"))
+    assert [p.name for p in result.pairs] == ["a__b_c0", "a__b_c0"]
+    with pytest.raises(OutputError, match="both named a__b_c0"):
+        write_pairs(result, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pairing_is_deterministic() -> None:
     source = draw_scene(np.random.default_rng(13))
     target = as_target(source, similarity(2.0, 1.02, (4, -3)), optics=True)
