@@ -138,12 +138,8 @@ def test_qc_flag_marks_slides_below_min_agreement(classifier, tmp_path):
     crops = make_crops([RED, GREEN, BLUE, RED])
     outputs = crops.copy()
     outputs[0] = make_crops([BLUE])[0]  # 3 of 4 agree
-    _, below, _ = run_check(
-        classifier, crops, outputs, settings=CheckSettings(min_agreement=0.8), slide_dir=tmp_path
-    )
-    _, at, _ = run_check(
-        classifier, crops, outputs, settings=CheckSettings(min_agreement=0.75), slide_dir=tmp_path
-    )
+    _, below, _ = run_check(classifier, crops, outputs, settings=CheckSettings(min_agreement=0.8), slide_dir=tmp_path)
+    _, at, _ = run_check(classifier, crops, outputs, settings=CheckSettings(min_agreement=0.75), slide_dir=tmp_path)
     _, off, _ = run_check(classifier, crops, outputs, slide_dir=tmp_path)
     assert below["agreement"] == 0.75
     assert below["qc_failed"] is True
@@ -271,3 +267,23 @@ def test_crops_of_the_wrong_size_are_refused(classifier):
 def test_settings_out_of_range_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         CheckSettings(**kwargs)
+
+
+@pytest.mark.gpu
+def test_the_check_on_cuda_gives_the_cpu_result(classifier_file, tmp_path):
+    crops = make_crops([RED, GREEN, BLUE, GREYISH_RED, BLUE])
+    outputs = np.ascontiguousarray(crops[..., ::-1])
+    settings = CheckSettings(min_confidence=0.9, batch_size=2)
+    results = []
+    for device in ("cpu", "cuda"):
+        check = AgreementCheck(load_classifier(classifier_file, device=device), settings=settings, device=device)
+        state = check.start_slide("slide")
+        columns = check.check_batch(state, rows_for(5), crops, outputs)
+        (tmp_path / device).mkdir()
+        results.append((columns, check.finish_slide(state, tmp_path / device)))
+    (cpu_columns, cpu_summary), (gpu_columns, gpu_summary) = results
+    assert gpu_summary == cpu_summary
+    assert [{k: v for k, v in c.items() if k != "p_output"} for c in gpu_columns] == [
+        {k: v for k, v in c.items() if k != "p_output"} for c in cpu_columns
+    ]
+    assert [c["p_output"] for c in gpu_columns] == pytest.approx([c["p_output"] for c in cpu_columns], abs=1e-5)

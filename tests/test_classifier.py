@@ -149,3 +149,18 @@ def test_pbc_lists_eight_classes(shared_data):
     files, labels, classes = image_folder(shared_data / "pbc")
     assert len(classes) == 8 and "eosinophil" in classes
     assert len(files) == len(labels) >= 1000
+
+
+@pytest.mark.gpu
+def test_training_and_classification_on_cuda_match_the_cpu(colour_set, tmp_path):
+    files, labels, classes = image_folder(colour_set)
+    settings = TrainSettings(epochs=3, batch_size=4, lr=1e-2, width=8)
+    result = train_classifier(files, labels, classes=classes, settings=settings, device="cuda")
+    assert result.heldout_accuracy is not None
+    assert next(result.net.parameters()).device.type == "cpu", "the trained net comes back on the CPU"
+    path = export_classifier(result.net, tmp_path / "clf.pt", classes=classes, extra={})
+    crops = np.stack(list(centre_crops(files)))
+    on_cpu = classify(crops, classifier=load_classifier(path), device="cpu")
+    on_gpu = classify(crops, classifier=load_classifier(path, device="cuda"), device="cuda", batch_size=7)
+    assert on_gpu[0].tolist() == on_cpu[0].tolist()
+    np.testing.assert_allclose(on_gpu[1], on_cpu[1], atol=1e-4)
