@@ -82,6 +82,8 @@ def convert(
                                 "its output is not a conversion")
             on_warning(report.notes[-1])
     with RunLock(out), dask_client(scheduler, workers) as client:
+        if scheduler and stages.generator is not None:
+            use_gpu_workers(stages, client, device=device, report=report)
         clear_staging(out)
         provenance = base_provenance(settings, stages, source_paths, out, resolved)
         provenance["command"] = report.command
@@ -95,6 +97,15 @@ def convert(
         report.finished = utc_now()
         report.save()
     return report
+
+
+def use_gpu_workers(stages: Stages, client: Any, *, device: str, report: RunReport) -> None:
+    """On a cluster with workers that declare a GPU resource, run the generator there."""
+    from cellbatch.generate import ClusterGenerator, gpu_workers
+
+    if gpu_workers(client):
+        stages.generator = ClusterGenerator(stages.generator, client, device=device)
+        report.generation += f"; generator on the cluster's GPU workers {', '.join(stages.generator.workers)}"
 
 
 def load_stages(

@@ -7,6 +7,7 @@ reflection (so the network sees plausible context, not a hard edge) and cropped 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +112,42 @@ def check_output(y: Any, expected_shape: tuple[int, ...], path: Path) -> None:
         raise ModelError(f"model {path} returned dtype {y.dtype}: a generator must return floats")
     if not bool(torch.isfinite(y).all()):
         raise ModelError(f"model {path} returned NaN or infinite values: the model file is broken")
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded_on_this_worker(path: str, sha256: str, device: str) -> Generator:
+    # One load per worker process and model: Dask reuses the process across tasks.
+    return Generator.load(path, device=resolve_device(device), expected_sha256=sha256)
+
+
+def generate_batch(path: str, sha256: str, device: str, crops: np.ndarray) -> np.ndarray:
+    """The Dask task that runs the generator on a worker (see :class:`ClusterGenerator`)."""
+    return _loaded_on_this_worker(path, sha256, device)(crops)
+
+
+def gpu_workers(client: Any) -> list[str]:
+    """Addresses of the cluster's workers that declare a ``GPU`` resource (``dask worker --resources GPU=1``)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return sorted(addr for addr, info in workers.items() if info.get("resources", {}).get("GPU", 0) > 0)
+
+
+class ClusterGenerator:
+    """Runs the generator on the Dask workers that declare a ``GPU`` resource.
+
+    The model file must be readable at the same path on those workers (a shared file system); its
+    sha256 is checked there, so a worker never runs a different file than the one in provenance.
+    """
+
+    def __init__(self, local: Generator, client: Any, *, device: str) -> None:
+        self.model = local.model
+        self.client = client
+        self.device = device
+        self.workers = gpu_workers(client)
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        future = self.client.submit(generate_batch, str(self.model.path.resolve()), self.model.sha256, self.device,
+                                    crops, resources={"GPU": 1}, pure=False)
+        return future.result()
+
+    def provenance(self) -> dict[str, Any]:
+        return {**self.model.provenance(), "ran_on": self.workers}

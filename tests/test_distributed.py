@@ -29,7 +29,7 @@ def cluster(tmp_path):
         assert scheduler_file.exists(), "the dask scheduler did not start"
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
-             "--nthreads", "2", "--nworkers", "1", *common],
+             "--nthreads", "2", "--nworkers", "1", "--resources", "GPU=1", *common],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))
         address = json.loads(scheduler_file.read_text())["address"]
@@ -76,3 +76,18 @@ def test_unreachable_scheduler_is_a_one_line_error(tmp_path):
     result = _cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--scheduler", "tcp://127.0.0.1:9")
     assert result.returncode == 3
     assert "tcp://127.0.0.1:9" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generator_runs_on_the_workers_that_declare_a_gpu(tmp_path, cluster):
+    from cellbatch.synth import write_synth
+    from tests.models import Negate, save_generator
+
+    write_synth(tmp_path / "synth", count=2, seed=4, looks=("dm1200",))
+    model = save_generator(Negate(), tmp_path / "neg.pt")
+    result = _cellbatch("run", tmp_path / "synth" / "dm1200", "-o", tmp_path / "out", "--quiet", "--model", model,
+                        "--scheduler", cluster, "--device", "auto")
+    assert result.returncode == 0, result.stderr
+    group = zarr.open_group(str(tmp_path / "out" / "dm1200" / "cells.zarr"), mode="r")
+    assert np.array_equal(group["generated"][:], 255 - group["crop"][:])
+    prov = json.loads((tmp_path / "out" / "dm1200" / "provenance.json").read_text())
+    assert prov["model"]["ran_on"], "the generator did not run on the GPU worker"
