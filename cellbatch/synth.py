@@ -57,7 +57,7 @@ class _WbcLook:
 
 _WBC_LOOKS = {
     "neutrophil": _WbcLook(1.0, (226.0, 200.0, 206.0), (98.0, 44.0, 135.0), 0.30, (196.0, 150.0, 190.0)),
-    "eosinophil": _WbcLook(1.05, (228.0, 198.0, 192.0), (92.0, 40.0, 130.0), 0.30, (214.0, 112.0, 86.0)),
+    "eosinophil": _WbcLook(1.05, (228.0, 198.0, 192.0), (92.0, 40.0, 130.0), 0.30, (206.0, 104.0, 98.0)),
     "basophil": _WbcLook(0.95, (214.0, 184.0, 202.0), (100.0, 50.0, 140.0), 0.25, (62.0, 22.0, 112.0)),
     "lymphocyte": _WbcLook(0.72, (182.0, 172.0, 204.0), (82.0, 34.0, 124.0), 0.22),
     "monocyte": _WbcLook(1.2, (198.0, 186.0, 204.0), (120.0, 70.0, 152.0), 0.35),
@@ -94,7 +94,7 @@ _DM1200_MAPS = {
     "red_cell": _ClassMap((198, 158, 163), (204, 168, 184), ((1.02, 0, 0), (0, 1.06, 0), (0, 0.02, 1.03))),
     "cytoplasm": _ClassMap((214, 190, 200), (207, 196, 218), ((0.96, 0, 0), (0, 1.04, 0), (0.02, 0, 1.0))),
     "nucleus": _ClassMap((100, 46, 136), (78, 58, 151), ((0.86, 0, 0.04), (0.02, 1.08, 0), (0, 0, 1.06))),
-    "eosin": _ClassMap((212, 115, 90), (222, 118, 150), ((1.0, 0, 0), (0, 1.02, 0), (0.12, 0, 0.92))),
+    "eosin": _ClassMap((206, 108, 100), (216, 112, 156), ((1.0, 0, 0), (0, 1.02, 0), (0.12, 0, 0.92))),
 }
 EOSIN = 4  # class of eosin-rich granules, for the optics only (labels stop at NUCLEUS)
 # Width (px) of the soft transition between class maps at class borders; granules are 5-8 px across,
@@ -573,11 +573,11 @@ def synth_capture(
         dens_cyto = cyto * (0.92 + 0.08 * chromatin[win])
         cell_od = dens_cyto[..., None] * _od(look.cytoplasm) + dens_nuc[..., None] * _od(look.nucleus)
         if cell.cell_type == "eosinophil":
-            g = _granules(p, body, d, (0.027 * d, 0.034 * d), 0.6, rng) * (1.0 - 0.7 * nuc)
+            g = _granules(p, body, d, (0.022 * d, 0.03 * d), 1.3, rng) * (1.0 - 0.7 * nuc)
             cell_od = cell_od * (1.0 - g)[..., None] + g[..., None] * _od(look.granule)
             np.maximum(granules[win], g, out=granules[win])
         elif cell.cell_type == "basophil":
-            g = _granules(p, body, d, (0.025 * d, 0.04 * d), 0.35, rng)
+            g = _granules(p, body, d, (0.022 * d, 0.036 * d), 0.75, rng)
             cell_od = cell_od * (1.0 - g)[..., None] + g[..., None] * _od(look.granule)
             optic_extra.append((win, g > 0.5, NUCLEUS))
         elif cell.cell_type == "neutrophil":
