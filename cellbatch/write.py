@@ -23,6 +23,8 @@ CELL_COLUMNS = (
     "area_px", "nucleus_area_px", "edge",
 )
 CHECK_COLUMNS = ("class_input", "class_output", "class_reference", "p_output", "agree")
+# What a slide folder holds of its own; anything else in it belongs to a nested slide.
+SLIDE_FILES = frozenset({"cells.csv", "cells.zarr", "provenance.json", "confusion.csv", "confusion.png"})
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -136,6 +138,7 @@ class SlideWriter:
             os.rename(self.final_dir, old)
         os.rename(self.staging, self.final_dir)
         if old is not None:
+            keep_nested_slides(old, self.final_dir)
             shutil.rmtree(old, ignore_errors=True)
         return self.final_dir
 
@@ -144,6 +147,14 @@ class SlideWriter:
         if not self._csv_file.closed:
             self._csv_file.close()
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def keep_nested_slides(old: Path, new: Path) -> None:
+    """Move what is not this slide's own (the folders of nested slides, ``a/b`` inside ``a``) from the
+    replaced folder into the new one, so redoing slide ``a`` never loses slide ``a/b``'s results."""
+    for entry in old.iterdir():
+        if entry.name not in SLIDE_FILES and not (new / entry.name).exists():
+            os.rename(entry, new / entry.name)
 
 
 def clear_staging(out_root: Path) -> None:

@@ -13,7 +13,8 @@ def _writer(tmp_path, chunk=4):
 
 
 def _cells(n, start=0):
-    rows = [{"source": f"c{i}.png", "frame": 0, "cx": 1.234, "cy": 2.0, "edge": i % 2 == 0} for i in range(start, start + n)]
+    ids = range(start, start + n)
+    rows = [{"source": f"c{i}.png", "frame": 0, "cx": 1.234, "cy": 2.0, "edge": i % 2 == 0} for i in ids]
     crops = np.stack([np.full((8, 8, 3), i, np.uint8) for i in range(start, start + n)])
     masks = np.stack([np.full((8, 8), i % 4, np.uint8) for i in range(start, start + n)])
     return rows, {"crop": crops, "mask": masks}
@@ -70,3 +71,13 @@ def test_clear_staging_removes_leftovers(tmp_path):
     writer.add(*_cells(1))
     clear_staging(tmp_path / "out")
     assert not (tmp_path / "out" / STAGING_DIR).exists()
+
+
+def test_replacing_a_slide_keeps_the_results_of_a_nested_slide(tmp_path):
+    out = tmp_path / "out"
+    for name, run in (("a", 1), ("a/b", 1), ("a", 2)):
+        writer = SlideWriter(out / name, out_root=out, arrays={"crop": (8, 8, 3)}, columns=CELL_COLUMNS, chunk=4)
+        writer.add(*[_cells(1)[0], {"crop": _cells(1)[1]["crop"]}])
+        writer.commit({"slide": name, "run": run})
+    assert json.loads((out / "a" / "provenance.json").read_text())["run"] == 2
+    assert json.loads((out / "a" / "b" / "provenance.json").read_text()) == {"slide": "a/b", "run": 1}

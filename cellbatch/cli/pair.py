@@ -65,7 +65,7 @@ from cellbatch.cli.options import cell_diameter_option, detector_option, json_op
 @click.option(
     "--pad",
     type=click.Choice(["reflect", "background"]),
-    default="reflect",
+    default="background",
     show_default=True,
     help="How both crops are padded past the capture border.",
 )

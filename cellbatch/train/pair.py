@@ -18,7 +18,7 @@ slide again but do not tag the images, so pairing works in three steps:
 The source crop is cut exactly as a conversion run cuts it (an integer 256x256 window centred on the
 detected cell, no resampling), because it is what the generator sees at inference; the target is
 warped into that frame, so only the training target is interpolated. Both sides pad past their capture
-borders the same way (reflection by default); ``overlap`` says how much of a pair is real pixels on
+borders the same way (background colour by default, as `cellbatch run` pads); ``overlap`` says how much of a pair is real pixels on
 both sides.
 """
 
@@ -101,7 +101,8 @@ class PairSettings:
     ransac_threshold: float = 2.0
     max_scale_change: float = 0.25
     crop_size: int = 256
-    pad: Literal["reflect", "background"] = "reflect"
+    # Background padding by default: it is how `cellbatch run` pads the crops a generator will see.
+    pad: Literal["reflect", "background"] = "background"
 
     def __post_init__(self) -> None:
         if self.match not in ("auto", "name", "template"):
