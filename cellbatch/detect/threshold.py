@@ -1,0 +1,318 @@
+"""The built-in white-cell detector: stain thresholds at reduced resolution.
+
+A white cell is found by its nucleus: after white-balancing the capture on its own background, a
+nucleus is where blue exceeds green (blue-purple chromatin absorbs green; red cells and background do
+not). The work runs on a copy downsampled by an integer factor so that the expected cell is about
+:data:`WORK_DIAMETER` pixels across, which keeps the cost near-constant per capture whatever the
+magnification; only the label image is brought back to full resolution.
+
+Steps, at the working scale (distances in cell diameters ``D``):
+
+1. **Stain maps.** ``purple = B - G`` and ``dark = 1 - mean(R, G, B)`` of the white-balanced image.
+2. **Nucleus density.** The nucleus mask (``purple > NUCLEUS_PURPLE``) blurred with a Gaussian of
+   ``0.2 D``: the lobes of one neutrophil melt into one hill, two cells keep two hills.
+3. **Seeds.** Local maxima of the density. A weaker maximum joins a stronger one nearer than
+   ``0.55 D``, or one it reaches without a density valley within ``0.9 D``: the lobes of a
+   multilobed nucleus are ONE cell.
+4. **Acceptance.** Each seed owns the pixels within reach that are nearer to it than to any other
+   seed, so touching cells are split between their nuclei. Seeds with less nucleus than a
+   platelet-sized floor are dropped first (their lobe then counts towards its neighbour). A seed is a
+   white cell when its nucleus is large (above any giant platelet), or mid-sized and either dense
+   (erythroblasts and small lymphocytes have chromatin darker than a platelet's granulomere) or vivid
+   blue-violet (pale Wright stains). Each kept seed then moves to the middle of the nucleus it owns.
+5. **Segmentation.** Nucleus pixels are nucleus-coloured and dark relative to their own nucleus (which
+   keeps eosinophil granules out). The cell is a circle fitted to where 32 rays from the nucleus
+   leave the stained area; rays that run on into a neighbouring red cell or off the capture are
+   outliers, so overlapping red cells do not drag the outline. Cytoplasm is the stained part of the
+   circle outside the nucleus.
+
+Full-resolution labels: the white-cell classes are upsampled from the working scale; background
+versus red cell is re-decided per full-resolution pixel from the green channel, the channel red
+cells absorb most.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from cellbatch.detect.base import BACKGROUND, CYTOPLASM, NUCLEUS, RED_CELL, Cell, Detection, DetectSettings
+
+#: Cell diameter, in pixels, at the working scale. About 28 px resolves a nucleus and its lobes;
+#: more only costs time.
+WORK_DIAMETER = 28.0
+
+# Stain thresholds on white-balanced values in [0, 1]. Measured on MGG (PBC, DM96) and Wright (BCCD)
+# captures: nuclei have B - G of 0.3 to 0.5; red cells and background below 0.12.
+NUCLEUS_PURPLE = 0.22
+STAINED_DARK = 0.10  # darker than this (1 - mean of white-balanced RGB) is a cell of some kind
+BACKGROUND_PERCENTILE = 98.0  # the background is the brightest part of any blood-film capture
+
+# Seeds, in cell diameters.
+DENSITY_SIGMA = 0.2
+PEAK_WINDOW = 0.5
+MIN_PEAK_DENSITY = 0.3
+MERGE_DISTANCE = 0.55  # two maxima nearer than this are lobes of one nucleus
+VALLEY_DISTANCE = 0.9  # up to this far, maxima joined without a density valley are one nucleus
+VALLEY_RATIO = 0.6
+CELL_REACH = 0.85  # a cell extends at most this far from its seed
+
+# Acceptance: nucleus area in squared cell diameters (a round nucleus 0.73 D across has 0.42 D^2).
+# Measured on PBC (MGG; its cells are about 1.3x the 110 px default), BCCD (Wright) and cellbatch.synth.
+MIN_NUCLEUS = 0.12  # below: ordinary platelets, specks of stain precipitate, detached lobes
+LARGE_NUCLEUS = 0.42  # above: a nucleus whatever its colour (PBC giant platelets: 99th pct 0.41)
+PLATELET_RATIO = (0.80, 1.10)  # purple / darkness of MGG platelets; chromatin is darker, Wright bluer
+CELL_BODY = 0.70  # a stained body this large (D^2) around a blob makes it a cell
+SMALL_BODY = 0.30  # with dense chromatin, a body this large suffices (erythroblasts, lymphocytes)
+DENSE_CHROMATIN = 0.58  # 75th percentile of darkness within the nucleus
+NUCLEUS_RELATIVE_DARK = 0.8  # a nucleus pixel is this dark relative to its nucleus' 75th percentile
+
+# Cell outline.
+N_RAYS = 32
+CIRCLE_TOLERANCE = 0.3  # rays whose exit radius is off the median by more than this are outliers
+CIRCLE_MARGIN = 1.05
+MIN_RAYS = 8
+MIN_RADIUS = 0.2
+
+_RAY_ANGLES = np.linspace(0.0, 2.0 * np.pi, N_RAYS, endpoint=False)
+_RAY_COS = np.cos(_RAY_ANGLES).astype(np.float32)
+_RAY_SIN = np.sin(_RAY_ANGLES).astype(np.float32)
+
+_DEFAULT_SETTINGS = DetectSettings()
+
+
+class ThresholdDetector:
+    """Find white cells by their blue-purple nuclei and segment the capture into four classes.
+
+    Stateless between calls and picklable (it holds only its settings), so one instance can be
+    shipped to Dask workers.
+
+    Parameters
+    ----------
+    settings
+        ``settings.cell_diameter`` (pixels) sets every size and distance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cellbatch.detect import DetectSettings
+    >>> image = np.full((240, 320, 3), (235, 228, 220), np.uint8)
+    >>> image[100:130, 150:180] = (90, 40, 150)  # a nucleus-coloured square, 30 px
+    >>> detection = ThresholdDetector(DetectSettings(cell_diameter=40.0))(image)
+    >>> len(detection.cells), detection.labels.shape
+    (1, (240, 320))
+    """
+
+    def __init__(self, settings: DetectSettings = _DEFAULT_SETTINGS) -> None:
+        self.settings = settings
+
+    def __repr__(self) -> str:
+        return f"ThresholdDetector({self.settings!r})"
+
+    def __call__(self, image: np.ndarray) -> Detection:
+        """Detect and segment one (H, W, 3) uint8 RGB capture."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+        h, w = image.shape[:2]
+        # An integer factor keeps OpenCV's area resampling on its fast path.
+        k = max(1, min(round(self.settings.cell_diameter / WORK_DIAMETER), h, w))
+        sh, sw = h // k, w // k
+        small = cv2.resize(image[: sh * k, : sw * k], (sw, sh), interpolation=cv2.INTER_LINEAR)
+        d = self.settings.cell_diameter / k
+
+        white = _background_colour(small)
+        balanced = small.astype(np.float32) * (1.0 / white)
+        purple = balanced[..., 2] - balanced[..., 1]
+        dark = 1.0 - balanced.mean(axis=2)
+        maps = _Maps(nucleus=purple > NUCLEUS_PURPLE, stained=dark > STAINED_DARK, dark=dark, purple=purple)
+
+        density = cv2.GaussianBlur(maps.nucleus.astype(np.float32), (0, 0), DENSITY_SIGMA * d)
+        seeds = _accepted_seeds(_seeds(density, d), maps, d)
+
+        cell_classes = np.full((sh, sw), BACKGROUND, np.uint8)
+        cells: list[Cell] = []
+        for i in range(len(seeds)):
+            win, mine = _territory(seeds, i, (sh, sw), CELL_REACH * d)
+            nuc = mine & maps.nucleus[win]
+            if not nuc.any():
+                continue
+            nuc &= maps.dark[win] >= NUCLEUS_RELATIVE_DARK * float(np.percentile(maps.dark[win][nuc], 75))
+            region = _cell_body(nuc, mine & maps.stained[win], d) | nuc
+            view = cell_classes[win]
+            view[region] = CYTOPLASM
+            view[nuc] = NUCLEUS
+            ys, xs = np.nonzero(region)
+            ys, xs = ys + win[0].start, xs + win[1].start
+            cells.append(
+                Cell(
+                    cx=float((xs.mean() + 0.5) * k - 0.5),
+                    cy=float((ys.mean() + 0.5) * k - 0.5),
+                    area_px=int(len(xs) * k * k),
+                    nucleus_area_px=int(np.count_nonzero(nuc) * k * k),
+                    edge=bool(ys.min() == 0 or xs.min() == 0 or ys.max() == sh - 1 or xs.max() == sw - 1),
+                )
+            )
+        labels = _full_resolution_labels(image, cell_classes, k, white)
+        cells.sort(key=lambda c: (c.cy, c.cx))
+        return Detection(cells=tuple(cells), labels=labels)
+
+
+class _Maps:
+    """The per-pixel stain maps of one capture at the working scale."""
+
+    __slots__ = ("nucleus", "stained", "dark", "purple")
+
+    def __init__(self, *, nucleus: np.ndarray, stained: np.ndarray, dark: np.ndarray, purple: np.ndarray):
+        self.nucleus, self.stained, self.dark, self.purple = nucleus, stained, dark, purple
+
+
+def _background_colour(small: np.ndarray) -> np.ndarray:
+    """Per-channel white point: a high percentile, from a 256-bin histogram (cheaper than a sort)."""
+    white = np.empty(3, np.float32)
+    n = small.shape[0] * small.shape[1]
+    for c in range(3):
+        hist = cv2.calcHist([small], [c], None, [256], [0, 256]).ravel()
+        white[c] = np.searchsorted(np.cumsum(hist), n * BACKGROUND_PERCENTILE / 100.0)
+    return np.maximum(white, 1.0)
+
+
+def _seeds(density: np.ndarray, d: float) -> list[tuple[float, float]]:
+    """One (x, y) per nucleus: density maxima, strongest first, merged when they are lobes of one."""
+    size = int(2 * round(PEAK_WINDOW * d / 2) + 1)
+    local_max = cv2.dilate(density, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
+    ys, xs = np.nonzero((density >= local_max) & (density > MIN_PEAK_DENSITY))
+    values = density[ys, xs]
+    kept: list[tuple[float, float, float]] = []
+    for i in np.argsort(-values, kind="stable"):
+        peak = (float(xs[i]), float(ys[i]), float(values[i]))
+        if not any(_same_nucleus(density, peak, other, d) for other in kept):
+            kept.append(peak)
+    return [(x, y) for x, y, _ in kept]
+
+
+def _same_nucleus(density: np.ndarray, a: tuple[float, float, float], b: tuple[float, float, float], d: float) -> bool:
+    dist = float(np.hypot(a[0] - b[0], a[1] - b[1]))
+    if dist < MERGE_DISTANCE * d:
+        return True
+    if dist >= VALLEY_DISTANCE * d:
+        return False
+    t = np.linspace(0.0, 1.0, max(3, int(dist) + 1))
+    iy = np.round(a[1] + t * (b[1] - a[1])).astype(np.intp)
+    ix = np.round(a[0] + t * (b[0] - a[0])).astype(np.intp)
+    return bool(density[iy, ix].min() >= VALLEY_RATIO * min(a[2], b[2]))
+
+
+def _territory(
+    seeds: list[tuple[float, float]], i: int, shape: tuple[int, int], reach: float
+) -> tuple[tuple[slice, slice], np.ndarray]:
+    """Seed ``i``'s window and, within it, the pixels within ``reach`` nearer to it than to any other seed."""
+    sx, sy = seeds[i]
+    h, w = shape
+    y0, y1 = max(0, int(sy - reach)), min(h, int(sy + reach) + 2)
+    x0, x1 = max(0, int(sx - reach)), min(w, int(sx + reach) + 2)
+    yy, xx = np.ogrid[y0:y1, x0:x1]
+    own = (xx - sx) ** 2 + (yy - sy) ** 2
+    mine = own <= reach * reach
+    for j, (ox, oy) in enumerate(seeds):
+        if j != i and abs(ox - sx) < 2 * reach and abs(oy - sy) < 2 * reach:
+            mine &= own <= (xx - ox) ** 2 + (yy - oy) ** 2
+    return (slice(y0, y1), slice(x0, x1)), mine
+
+
+def _accepted_seeds(seeds: list[tuple[float, float]], maps: _Maps, d: float) -> list[tuple[float, float]]:
+    """The seeds that are white cells, each moved to the middle of the nucleus it owns.
+
+    Seeds with too little nucleus (platelets, specks, a detached lobe) are dropped first, so they claim
+    no territory while the rest are judged: a lobe then counts towards its own cell.
+    """
+    reach = CELL_REACH * d
+    for final in (False, True):
+        kept = []
+        for i, seed in enumerate(seeds):
+            win, mine = _territory(seeds, i, maps.nucleus.shape, reach)
+            nuc = mine & maps.nucleus[win]
+            area = np.count_nonzero(nuc) / (d * d)
+            if area >= MIN_NUCLEUS and (not final or area >= LARGE_NUCLEUS or not _platelet(nuc, mine, win, maps, d)):
+                kept.append(seed)
+        seeds = kept
+    # A seed starts on its densest lobe; the far lobe of a lobed nucleus can lie beyond its reach
+    # until the seed sits in the middle of the whole nucleus.
+    for _ in range(2):
+        moved = []
+        for i, seed in enumerate(seeds):
+            win, mine = _territory(seeds, i, maps.nucleus.shape, reach)
+            ys, xs = np.nonzero(mine & maps.nucleus[win])
+            moved.append((float(xs.mean()) + win[1].start, float(ys.mean()) + win[0].start) if len(xs) else seed)
+        seeds = moved
+    return seeds
+
+
+def _platelet(nuc: np.ndarray, mine: np.ndarray, win: tuple[slice, slice], maps: _Maps, d: float) -> bool:
+    """Whether a mid-sized nucleus-coloured blob is a (giant) platelet rather than a small nucleus.
+
+    A platelet has the granulomere's colour (purple / darkness in the platelet band), and no cell body
+    around it, or a small one without the dense chromatin of an erythroblast or a small lymphocyte.
+    Blue-violet nuclei of pale stains lie above the band; MGG nuclei of cells with much cytoplasm
+    below it or inside a large body.
+    """
+    nuc_dark = maps.dark[win][nuc]
+    ratio = float(maps.purple[win][nuc].mean()) / max(float(nuc_dark.mean()), 1e-3)
+    if not PLATELET_RATIO[0] <= ratio <= PLATELET_RATIO[1]:
+        return False
+    body = np.count_nonzero(_cell_body(nuc, mine & maps.stained[win], d) | nuc) / (d * d)
+    if body >= CELL_BODY:
+        return False
+    dense = float(np.percentile(nuc_dark, 75)) >= DENSE_CHROMATIN
+    return not (dense and body >= SMALL_BODY)
+
+
+def _cell_body(nuc: np.ndarray, stained: np.ndarray, d: float) -> np.ndarray:
+    """The stained disc around a nucleus: a circle fitted to where rays from the nucleus leave the cell.
+
+    Rays that run on into a neighbouring red cell (too long) or off the window (the capture border or
+    the territory's edge) are outliers; the circle through the rest finds the cell whatever the
+    nucleus' position inside it.
+    """
+    h, w = nuc.shape
+    ys, xs = np.nonzero(nuc)
+    cx, cy = float(xs.mean()), float(ys.mean())
+    rho = np.arange(0.0, CELL_REACH * d, 0.5, dtype=np.float32)
+    px = cx + _RAY_COS[:, None] * rho
+    py = cy + _RAY_SIN[:, None] * rho
+    ix, iy = np.round(px).astype(np.intp), np.round(py).astype(np.intp)
+    inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    on = inside & stained[np.clip(iy, 0, h - 1), np.clip(ix, 0, w - 1)]
+    last = len(rho) - 1
+    stop = np.where(on.all(axis=1), last, np.argmin(on, axis=1))
+    rays = np.arange(N_RAYS)
+    r = rho[stop]
+    clean = inside[rays, stop] & (stop < last)
+    if np.count_nonzero(clean) >= 3:
+        clean &= np.abs(r - np.median(r[clean])) <= CIRCLE_TOLERANCE * np.median(r[clean])
+    centre, radius = (cx, cy), float(np.median(r[clean] if clean.any() else r))
+    if np.count_nonzero(clean) >= MIN_RAYS:
+        bx, by = px[rays, stop][clean], py[rays, stop][clean]
+        # Algebraic (Kasa) circle fit: x^2 + y^2 = A x + B y + C.
+        sol = np.linalg.lstsq(np.stack([bx, by, np.ones_like(bx)], axis=1), bx * bx + by * by, rcond=None)[0]
+        fx, fy = float(sol[0]) / 2.0, float(sol[1]) / 2.0
+        fr = float(np.sqrt(max(float(sol[2]) + fx * fx + fy * fy, 0.0)))
+        if np.hypot(fx - cx, fy - cy) <= CELL_REACH * d and MIN_RADIUS * d <= fr <= CELL_REACH * d:
+            centre, radius = (fx, fy), fr
+    yy, xx = np.ogrid[0:h, 0:w]
+    disc = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 <= (radius * CIRCLE_MARGIN) ** 2
+    return disc & stained
+
+
+def _full_resolution_labels(image: np.ndarray, cell_classes: np.ndarray, k: int, white: np.ndarray) -> np.ndarray:
+    """Upsample the white-cell classes; decide background vs red cell per full-resolution pixel."""
+    h, w = image.shape[:2]
+    labels = cv2.resize(
+        cell_classes, (cell_classes.shape[1] * k, cell_classes.shape[0] * k), interpolation=cv2.INTER_NEAREST
+    )
+    if labels.shape != (h, w):  # the rows and columns the integer factor left over
+        labels = cv2.copyMakeBorder(labels, 0, h - labels.shape[0], 0, w - labels.shape[1], cv2.BORDER_REPLICATE)
+    green = cv2.extractChannel(image, 1)
+    limit = float(white[1]) * (1.0 - STAINED_DARK)
+    # RED_CELL is 1 and the white-cell classes are larger, so a maximum lays cells over red cells.
+    _, red = cv2.threshold(green, limit, RED_CELL, cv2.THRESH_BINARY_INV)
+    return cv2.max(labels, red)
