@@ -19,6 +19,7 @@ from cellbatch.errors import CellbatchError, InputNotFoundError
 from cellbatch.read import as_rgb8, is_image_file, is_zarr_store, read_image
 
 CROP_SIZE = 256
+_Capture = tuple[np.ndarray, tuple[Cell, ...], np.ndarray]
 
 
 class ReferenceSource:
@@ -64,10 +65,9 @@ class ReferenceSource:
         self.cell_diameter = float(cell_diameter)
         self.max_offset = float(cell_diameter if max_offset is None else max_offset)
         self.cache_size = cache_size
-        self._captures: OrderedDict[tuple[str, int], tuple[np.ndarray, tuple[Cell, ...], np.ndarray] | None] = (
-            OrderedDict()
-        )
-        self._arrays: dict[str, Any] = {}
+        # (slide, source, frame) -> (capture, its cells, its background colour), or None when unusable
+        self._captures: OrderedDict[tuple[str | None, str, int], _Capture | None] = OrderedDict()
+        self._arrays: dict[tuple[str | None, str], Any] = {}
 
     def crops_for(self, rows: list[dict[str, Any]], *, slide: str | None = None) -> list[np.ndarray | None]:
         """The reference crop of each row, (256, 256, 3) uint8, or ``None`` when there is none.
@@ -110,9 +110,7 @@ class ReferenceSource:
                 best, best_d = cell, d
         return best
 
-    def _capture(
-        self, source: str, frame: int, slide: str | None
-    ) -> tuple[np.ndarray, tuple[Cell, ...], np.ndarray] | None:
+    def _capture(self, source: str, frame: int, slide: str | None) -> _Capture | None:
         from cellbatch.crop import background_colour
 
         key = (slide, source, frame)
