@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import csv
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from cellbatch.detect.base import Detection
 from cellbatch.errors import InputFormatError, InputNotFoundError
 
 # Object names that mean "white cell" in VOC files (BCCD uses "WBC"); compared case-insensitively.
@@ -214,4 +215,40 @@ def score_images(matches: Iterable[ImageMatch]) -> Score:
     score = Score()
     for m in matches:
         score.add(m)
+    return score
+
+
+def evaluate_detector(
+    images: Sequence[Path],
+    boxes: dict[str, list[Box]],
+    detector: Callable[[np.ndarray], Detection],
+) -> Score:
+    """Run ``detector`` on each image file and match its cells to that image's boxes.
+
+    Parameters
+    ----------
+    images
+        Capture files; each is looked up in ``boxes`` by file name (an image absent there holds no
+        white cell, so all its detections are false).
+    boxes
+        From :func:`load_boxes`.
+    detector
+        Any :class:`~cellbatch.detect.Detector` instance.
+
+    Returns
+    -------
+    Score
+        One :class:`ImageMatch` per image, in the order given.
+    """
+    from cellbatch.read import read_image
+
+    if boxes and not any(image.name in boxes or image.stem in boxes for image in images):
+        raise InputFormatError(
+            "no image file is named in the boxes: check that the boxes and the captures describe the same images"
+        )
+    score = Score()
+    for image in images:
+        detection = detector(read_image(image))
+        centroids = [(cell.cx, cell.cy) for cell in detection.cells]
+        score.add(match_centroids(centroids, boxes_for(image, boxes), name=image.name))
     return score
