@@ -71,19 +71,19 @@ def parse_display_options(arg: str | None) -> DisplaySettings:
         key, sep, value = (s.strip() for s in item.partition("="))
         if not sep:
             raise ConfigError(f"--normalise display option {item!r} has no '=': {SYNTAX}")
+        if key not in DisplaySettings.__dataclass_fields__:
+            raise ConfigError(f"--normalise display has no option {key!r}: {SYNTAX}")
         try:
             if key == "background":
                 rgb = tuple(int(v) for v in value.split(","))
                 if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-                    raise ValueError
+                    raise ValueError(value)
                 values[key] = rgb
-            elif key in ("nucleus_gain", "contrast", "softness"):
+            else:
                 number = float(value)
                 if not (np.isfinite(number) and number >= 0 and (key == "softness" or number > 0)):
-                    raise ValueError
+                    raise ValueError(value)
                 values[key] = number
-            else:
-                raise ConfigError(f"--normalise display has no option {key!r}: {SYNTAX}")
         except ValueError as exc:
             raise ConfigError(
                 f"--normalise display option {key}={value!r} is not valid: background takes three "
