@@ -347,7 +347,7 @@ def _lobes(dx: np.ndarray, dy: np.ndarray, n: int, lobe_r: float, arc_r: float, 
         np.maximum(mask, _soft((1.0 - ell) * short_r * s), out=mask)
         a += step * rng.uniform(0.9, 1.15)
     for p, q in zip(centres[:-1], centres[1:], strict=True):
-        np.maximum(mask, _capsule(dx, dy, p, q, rng.uniform(1.0, 0.4 * lobe_r)), out=mask)
+        np.maximum(mask, _capsule(dx, dy, p, q, max(0.6, lobe_r * rng.uniform(0.08, 0.4))), out=mask)
     return mask
 
 
@@ -436,9 +436,9 @@ def _place_white_cells(
             if i == 0:  # the one the analyser centred on
                 cx = w / 2 + rng.normal(0, 0.05 * cell_diameter)
                 cy = h / 2 + rng.normal(0, 0.05 * cell_diameter)
-            else:
-                cx = rng.uniform(0.35 * d, w - 0.35 * d)
-                cy = rng.uniform(0.35 * d, h - 0.35 * d)
+            else:  # anywhere, at most a little past the border
+                cx = rng.uniform(min(0.35 * d, w / 2), max(w - 0.35 * d, w / 2))
+                cy = rng.uniform(min(0.35 * d, h / 2), max(h - 0.35 * d, h / 2))
             if all(math.hypot(cx - c.cx, cy - c.cy) > 0.55 * (d + c.diameter) + 4 for c in cells):
                 cells.append(SynthCell(float(cx), float(cy), t, float(d)))
                 break
@@ -530,7 +530,11 @@ def synth_capture(
         raise ConfigError(f"unknown white-cell types {unknown}; choose from {', '.join(WBC_TYPES)}")
     if n_white is not None and n_white < 0:
         raise ConfigError(f"n_white must be >= 0, got {n_white}")
+    if not cell_diameter >= 8:
+        raise ConfigError(f"cell_diameter must be at least 8 px, got {cell_diameter}")
     h, w = shape
+    if h < 16 or w < 16:
+        raise ConfigError(f"shape must be at least 16x16 px, got {shape}")
     if n_white is None:
         n_white = int(rng.choice([0, 1, 2], p=[0.06, 0.82, 0.12]))
     types = [types_pool[i] for i in rng.integers(0, len(types_pool), n_white)]
@@ -590,7 +594,9 @@ def synth_capture(
             vac = np.zeros(body.shape, dtype=np.float32)
             for _ in range(int(rng.integers(0, 6))):
                 a, rr = rng.uniform(0, 2 * np.pi), rng.uniform(0.25, 0.45) * d
-                np.maximum(vac, _disc(p.dx, p.dy, rr * math.cos(a), rr * math.sin(a), rng.uniform(2, 5)), out=vac)
+                np.maximum(
+                    vac, _disc(p.dx, p.dy, rr * math.cos(a), rr * math.sin(a), d * rng.uniform(0.018, 0.045)), out=vac
+                )
             cell_od *= (1.0 - 0.6 * vac * cyto)[..., None]
         rbc[win] *= 1.0 - body
         stained.append((win, cell_od))

@@ -96,6 +96,10 @@ def test_bad_scene_options_raise_config_error():
         capture(0, cell_types=("erythroblast",))
     with pytest.raises(ConfigError, match="do not fit"):
         capture(0, shape=(120, 160), n_white=9)
+    with pytest.raises(ConfigError, match="cell_diameter"):
+        capture(0, cell_diameter=0.0)
+    with pytest.raises(ConfigError, match="n_white"):
+        capture(0, n_white=-1)
 
 
 def class_shift(cap: SynthCapture, mask: np.ndarray) -> np.ndarray:
