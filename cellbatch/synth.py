@@ -369,9 +369,9 @@ def _nucleus(cell_type: str, dx: np.ndarray, dy: np.ndarray, d: float, rng: np.r
     a = rng.uniform(0, 2 * np.pi)
     u = dx * math.cos(a) + dy * math.sin(a)
     v = -dx * math.sin(a) + dy * math.cos(a)
-    semi_u, semi_v = d * rng.uniform(0.29, 0.33), d * rng.uniform(0.2, 0.24)
+    semi_u, semi_v = d * rng.uniform(0.3, 0.35), d * rng.uniform(0.22, 0.26)
     ell = _soft((1.0 - np.sqrt((u / semi_u) ** 2 + ((v + 0.05 * d) / semi_v) ** 2)) * semi_v)
-    bite = _disc(u, v, 0.0, 0.05 * d + semi_v * 1.05, d * rng.uniform(0.13, 0.16))
+    bite = _disc(u, v, 0.0, 0.05 * d + semi_v * 0.95, d * rng.uniform(0.15, 0.19))
     return ell * (1.0 - bite)
 
 
