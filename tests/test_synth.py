@@ -201,6 +201,18 @@ def test_write_synth_writes_matching_pairs_and_cells_csv(tmp_path):
     cap0 = capture_for(11, 0)
     np.testing.assert_array_equal(read_image(out / "dm96" / names[0]), cap0.dm96)
     np.testing.assert_array_equal(read_image(out / "dm1200" / names[0]), cap0.dm1200)
+    # Each CSV centre sits on its cell, with nucleus pixels near it in the written label image.
+    assert rows
+    yy, xx = np.mgrid[0:480, 0:640]
+    for r in rows:
+        labels = read_image(out / "labels" / r["filename"])[..., 0]
+        near = np.hypot(xx - float(r["cx"]), yy - float(r["cy"])) < 0.3 * float(r["diameter"])
+        assert np.sum(near & (labels == NUCLEUS)) > 100
+
+
+def test_write_synth_shows_progress_when_asked(tmp_path, capsys):
+    write_synth(tmp_path / "p", count=1, seed=0, looks=("dm96",), progress=True)
+    assert "synth" in capsys.readouterr().err
 
 
 def capture_for(seed: int, index: int) -> SynthCapture:
