@@ -12,7 +12,7 @@ Steps, at the working scale (distances in cell diameters ``D``):
 2. **Nucleus density.** The nucleus mask (``purple > NUCLEUS_PURPLE``) blurred with a Gaussian of
    ``0.2 D``: the lobes of one neutrophil melt into one hill, two cells keep two hills.
 3. **Seeds.** Local maxima of the density. A weaker maximum joins a stronger one nearer than
-   ``0.55 D``, or one it reaches without a density valley within ``0.9 D``: the lobes of a
+   ``0.55 D``, or one it reaches without a density valley within ``0.8 D``: the lobes of a
    multilobed nucleus are ONE cell.
 4. **Acceptance.** Each seed owns the pixels within reach that are nearer to it than to any other
    seed, so touching cells are split between their nuclei. Seeds with less nucleus than a
@@ -53,8 +53,9 @@ DENSITY_SIGMA = 0.2
 PEAK_WINDOW = 0.5
 MIN_PEAK_DENSITY = 0.3
 MERGE_DISTANCE = 0.55  # two maxima nearer than this are lobes of one nucleus
-VALLEY_DISTANCE = 0.9  # up to this far, maxima joined without a density valley are one nucleus
-VALLEY_RATIO = 0.6
+VALLEY_DISTANCE = 0.8  # up to this far, maxima joined without a density valley are one nucleus
+VALLEY_RATIO = 0.75
+NUCLEUS_SPAN = 1.5  # lobes of one nucleus span at most this much, edge to edge
 CELL_REACH = 0.85  # a cell extends at most this far from its seed
 
 # Acceptance: nucleus area in squared cell diameters (a round nucleus 0.73 D across has 0.42 D^2).
@@ -180,8 +181,11 @@ def _seeds(density: np.ndarray, d: float) -> list[tuple[float, float]]:
     """One (x, y) per nucleus: density maxima, strongest first, merged when they are lobes of one."""
     size = int(2 * round(PEAK_WINDOW * d / 2) + 1)
     local_max = cv2.dilate(density, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
-    ys, xs = np.nonzero((density >= local_max) & (density > MIN_PEAK_DENSITY))
-    values = density[ys, xs]
+    peaks = ((density >= local_max) & (density > MIN_PEAK_DENSITY)).view(np.uint8)
+    # A flat-topped maximum (a large round nucleus) is one peak, at its middle.
+    n, _, _, centres = cv2.connectedComponentsWithStats(peaks, connectivity=8)
+    xs, ys = centres[1:, 0], centres[1:, 1]
+    values = density[np.round(ys).astype(np.intp), np.round(xs).astype(np.intp)]
     kept: list[tuple[float, float, float]] = []
     for i in np.argsort(-values, kind="stable"):
         peak = (float(xs[i]), float(ys[i]), float(values[i]))
@@ -191,10 +195,20 @@ def _seeds(density: np.ndarray, d: float) -> list[tuple[float, float]]:
 
 
 def _same_nucleus(density: np.ndarray, a: tuple[float, float, float], b: tuple[float, float, float], d: float) -> bool:
+    """Whether two density maxima ``(x, y, value)`` are lobes of one nucleus rather than two cells.
+
+    Lobes are close, joined without a density valley, and together no wider than one cell holds. A
+    maximum's value tells the size of its blob: a disc of radius r blurred by sigma peaks at
+    1 - exp(-r^2 / 2 sigma^2).
+    """
     dist = float(np.hypot(a[0] - b[0], a[1] - b[1]))
     if dist < MERGE_DISTANCE * d:
         return True
     if dist >= VALLEY_DISTANCE * d:
+        return False
+    sigma = DENSITY_SIGMA * d
+    span = dist + sum(sigma * np.sqrt(-2.0 * np.log(max(1.0 - v, 1e-3))) for v in (a[2], b[2]))
+    if span > NUCLEUS_SPAN * d:
         return False
     t = np.linspace(0.0, 1.0, max(3, int(dist) + 1))
     iy = np.round(a[1] + t * (b[1] - a[1])).astype(np.intp)
