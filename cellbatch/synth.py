@@ -170,10 +170,13 @@ def apply_optics(
     classes = labels.astype(np.uint8, copy=False)
     for k in (RED_CELL, CYTOPLASM, NUCLEUS):
         for win, weight in _soft_weights(cv2.compare(classes, k, cv2.CMP_EQ), BLEND_SIGMA):
-            out[win] += cv2.transform(x[win], mats[k] - mats[BACKGROUND]) * weight
+            delta = cv2.transform(x[win], mats[k] - mats[BACKGROUND])
+            out[win] += cv2.multiply(delta, weight, scale=1.0 / 255.0, dtype=cv2.CV_32F)
     if granules is not None:
         for win, weight in _soft_weights((granules > 0.5).astype(np.uint8) * 255, GRANULE_BLEND_SIGMA):
-            out[win] = out[win] * (1.0 - weight) + cv2.transform(x[win], mats[EOSIN]) * weight
+            # out (1 - g) + T_eos g, as out + g (T_eos - out)
+            delta = cv2.transform(x[win], mats[EOSIN]) - out[win]
+            out[win] += cv2.multiply(delta, weight, scale=1.0 / 255.0, dtype=cv2.CV_32F)
 
     if SHARPEN:
         out = cv2.filter2D(out, -1, _SHARPEN_KERNEL)
@@ -183,7 +186,7 @@ def apply_optics(
 
 
 def _soft_weights(mask: np.ndarray, sigma: float) -> list[tuple[tuple[slice, slice], np.ndarray]]:
-    """The blurred 0/255 ``mask`` as (h, w, 3) float32 weights in 0..1, on windows that cover its support.
+    """The blurred 0/255 ``mask`` as (h, w, 3) uint8 weights (255 is 1), on windows that cover its support.
 
     Separate blobs (a white cell, platelets) get separate windows, found by cutting the mask along empty
     rows, then empty columns: a full-capture window per class would cost several ms. The windows do not
@@ -199,10 +202,7 @@ def _soft_weights(mask: np.ndarray, sigma: float) -> list[tuple[tuple[slice, sli
             windows.append(
                 (slice(max(r0 + y - pad, 0), min(r0 + y + bh + pad, h)), slice(max(c0 - pad, 0), min(c1 + pad, w)))
             )
-    scale = np.float32(1.0 / 255.0)
-    return [
-        (win, cv2.merge([cv2.GaussianBlur(mask[win], (0, 0), sigma)] * 3).astype(np.float32) * scale) for win in windows
-    ]
+    return [(win, cv2.merge([cv2.GaussianBlur(mask[win], (0, 0), sigma)] * 3)) for win in windows]
 
 
 def _runs(active: np.ndarray, gap: int) -> list[tuple[int, int]]:
