@@ -13,7 +13,8 @@ the detector on its DM1200 look (what the pipeline has), cropped 256x256 around 
 and compared with the DM96 crop: mean CIEDE2000 ΔE over the crop, and per class (true labels).
 ``hm, true labels`` is HM fitted and applied with the true labels (for pbc: the labels that drove
 the shift), to show what segmentation errors cost. ``white cell`` is cytoplasm and nucleus together.
-Speed is the time per 256x256 crop on one core (OpenCV and BLAS limited to one thread).
+Speed is the CPU time per 256x256 crop with OpenCV and BLAS limited to one thread, i.e. the time
+one core spends (process CPU time, so other load on a shared machine does not inflate it).
 
 Run from the repository root::
 
@@ -131,19 +132,20 @@ def evaluate(name: str, norm, tests: list[Pair], *, true_masks: bool = False) ->
     norm(crops[:1], masks[:1])  # warm-up: first-call allocations are not the steady state
     times = []
     for _ in range(TIMING_REPEATS):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         out = norm(crops, masks)
-        times.append((time.perf_counter() - t0) / len(tests) * 1000)
+        times.append((time.process_time() - t0) / len(tests) * 1000)
     de = np.stack([delta_e_map(o, t.dm96) for o, t in zip(out, tests, strict=True)])
     truth = np.stack([t.truth for t in tests])
     regions = [truth == k for k in range(4)] + [truth >= CYTOPLASM]
     per_class = [float(de[r].mean()) if r.any() else float("nan") for r in regions]
-    # the least of a few runs: other processes on a shared machine only ever add time
+    # CPU time of this (single-threaded) process, the least of a few runs: on a shared machine other
+    # processes stretch wall time, and cache misses they cause only ever add
     return {"name": name, "mean": float(de.mean()), "per_class": per_class, "ms": min(times)}
 
 
 def table(title: str, rows: list[dict]) -> str:
-    head = "| method | mean ΔE00 | " + " | ".join(CLASS_NAMES) + " | ms / 256² crop (1 core) |"
+    head = "| method | mean ΔE00 | " + " | ".join(CLASS_NAMES) + " | CPU ms / 256² crop |"
     lines = [f"### {title}", "", head, "|" + "---|" * (len(CLASS_NAMES) + 3)]
     for r in rows:
         cls = " | ".join(f"{v:.2f}" for v in r["per_class"])
@@ -154,7 +156,7 @@ def table(title: str, rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", choices=["synth", "pbc"], default=["synth", "pbc"])
-    parser.add_argument("--fit", type=int, default=12, help="captures in each of the source and target fit sets")
+    parser.add_argument("--fit", type=int, default=40, help="captures in each of the source and target fit sets")
     parser.add_argument("--test", type=int, default=24, help="test cells")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--detector", default="threshold")

@@ -44,6 +44,7 @@ SYNTAX = "write display:background=R,G,B;nucleus_gain=G;contrast=C;softness=PX (
 # Scale (8-bit levels) of the colour distance at which a pixel stops counting as background when
 # there are no masks: a few times the sensor noise of a flat background.
 MIN_BACKGROUND_SPREAD = 8.0
+MIN_BACKGROUND_PIXELS = 16
 
 
 @dataclass(frozen=True)
@@ -115,23 +116,22 @@ def soft_regions(
     """
     x = image.reshape(-1, 3).astype(np.float32)
     lum = x.mean(axis=1)
-    score = lum - (x.max(axis=1) - x.min(axis=1))
-    brightest = x[score >= np.percentile(score, 75)]
-    if labels is not None and (labels == BACKGROUND).sum() >= 16:
+    if labels is not None and (labels == BACKGROUND).sum() >= MIN_BACKGROUND_PIXELS:
         bg_mask = labels == BACKGROUND
         background = x[bg_mask.reshape(-1)].mean(axis=0)
         p_bg = bg_mask.astype(np.float32)
-        p_nuc = (labels == NUCLEUS).astype(np.float32)
     else:
+        # a crop filled by its cell has (almost) no labelled background: estimate it from colour
+        score = lum - (x.max(axis=1) - x.min(axis=1))
+        brightest = x[score >= np.percentile(score, 75)]
         background = np.median(brightest, axis=0)
         dist = np.linalg.norm(x - background, axis=1)
-        spread = max(
-            3.0 * float(np.median(np.linalg.norm(brightest - background, axis=1))), MIN_BACKGROUND_SPREAD
-        )
+        spread = max(3.0 * float(np.median(np.linalg.norm(brightest - background, axis=1))), MIN_BACKGROUND_SPREAD)
         p_bg = np.exp(-0.5 * (dist / spread) ** 2).reshape(image.shape[:2])
+    if labels is not None:
+        p_nuc = (labels == NUCLEUS).astype(np.float32)
+    else:
         p_nuc = _dark_part(lum, p_bg.reshape(-1)).reshape(image.shape[:2])
-        if labels is not None:
-            p_nuc = (labels == NUCLEUS).astype(np.float32)
     if softness > 0:
         p_bg = cv2.GaussianBlur(p_bg, (0, 0), softness, borderType=cv2.BORDER_REFLECT)
         p_nuc = cv2.GaussianBlur(p_nuc, (0, 0), softness, borderType=cv2.BORDER_REFLECT)
