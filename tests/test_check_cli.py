@@ -142,18 +142,20 @@ def test_check_adds_the_columns_to_an_output_written_without_a_classifier(tmp_pa
     assert "s: agreement 100.0% (7/7 checked" in result.output
 
 
-def test_qc_failure_sets_exit_code_5_and_updates_run_json(tmp_path, classifier_file):
+def test_qc_failure_sets_exit_code_5_and_updates_run_json(tmp_path, classifier_file, capsys):
     good = make_crops(COLOURS)
     out = tmp_path / "out"
     write_slide(out, "good", good, good.copy())
     write_slide(out, "bad", good, np.ascontiguousarray(good[..., ::-1]))
     write_run_json(out, ["bad", "good"])
 
-    result = CliRunner().invoke(
-        cli, ["check", str(out), "--classifier", str(classifier_file), "--device", "cpu", "--min-agreement", "0.9"]
-    )
-    assert result.exit_code == ExitCode.QC_FAILED
-    assert "bad" in result.output and "QC FAILED" in result.output
+    # Through the console entry point: the exit code must survive it, not only click's test runner.
+    with pytest.raises(SystemExit) as stop:
+        main(["check", str(out), "--classifier", str(classifier_file), "--device", "cpu", "--min-agreement", "0.9"])
+    assert stop.value.code == ExitCode.QC_FAILED
+    printed = capsys.readouterr()
+    assert "bad: agreement" in printed.out and "QC FAILED" in printed.out
+    assert "below --min-agreement 0.9: bad" in printed.err
     run = json.loads(read_text(out / "run.json"))
     status = {s["name"]: s["status"] for s in run["slides"]}
     assert status == {"bad": "qc_failed", "good": "done"}

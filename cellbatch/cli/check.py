@@ -86,9 +86,7 @@ def check(
     from cellbatch.generate import resolve_device
 
     device = resolve_device(device)
-    settings = CheckSettings(
-        min_confidence=min_confidence, min_agreement=min_agreement, batch_size=batch_size
-    )
+    settings = CheckSettings(min_confidence=min_confidence, min_agreement=min_agreement, batch_size=batch_size)
     model = load_classifier(classifier_path, classes=classes.split(",") if classes else None, device=device)
     source = None
     if reference is not None:
@@ -108,7 +106,9 @@ def check(
             + ", ".join(result["qc_failed_slides"]),
             err=True,
         )
-        raise click.exceptions.Exit(ExitCode.QC_FAILED)
+        # sys.exit, not click's Exit: the entry point runs click with standalone_mode=False, which
+        # returns an Exit's code instead of exiting with it.
+        sys.exit(ExitCode.QC_FAILED)
 
 
 def _line(name: str, summary: dict) -> str:
