@@ -541,7 +541,6 @@ def synth_capture(
     cells = _place_white_cells(rng, (h, w), types, cell_diameter)
 
     stain = np.float32(rng.uniform(0.88, 1.12))  # slide-to-slide staining strength
-    chromatin = _smooth_noise(rng, (h, w), 4)
     stained: list[tuple[tuple[slice, slice], np.ndarray]] = []  # optical density of white cells, platelets
     labels = np.zeros((h, w), dtype=np.uint8)
     optic_extra: list[tuple[tuple[slice, slice], np.ndarray, int]] = []
@@ -574,9 +573,10 @@ def synth_capture(
         body = _blob(p.dx, p.dy, d / 2, rng, 0.045 if cell.cell_type == "monocyte" else 0.025)
         nuc = _nucleus(cell.cell_type, p.dx, p.dy, d, rng) * body
         cyto = body * (1.0 - nuc)
-        texture = 1.0 + look.chromatin * np.clip(chromatin[win], -2.0, 2.0)
+        mottle = _smooth_noise(rng, body.shape, 4)
+        texture = 1.0 + look.chromatin * np.clip(mottle, -2.0, 2.0)
         dens_nuc = nuc * texture
-        dens_cyto = cyto * (0.92 + 0.08 * chromatin[win])
+        dens_cyto = cyto * (0.92 + 0.08 * mottle)
         cell_od = dens_cyto[..., None] * _od(look.cytoplasm) + dens_nuc[..., None] * _od(look.nucleus)
         if cell.cell_type == "eosinophil":
             g = _granules(p, body, d, (0.022 * d, 0.03 * d), 1.3, rng) * (1.0 - 0.7 * nuc)
@@ -616,7 +616,9 @@ def synth_capture(
                 continue
             win = p.window
             halo = _blob(p.dx, p.dy, pd / 2, rng, 0.12)
-            core = _blob(p.dx, p.dy, pd * rng.uniform(0.22, 0.32), rng, 0.2) * (0.8 + 0.3 * chromatin[win])
+            core = _blob(p.dx, p.dy, pd * rng.uniform(0.22, 0.32), rng, 0.2) * (
+                0.8 + 0.3 * _smooth_noise(rng, halo.shape, 4)
+            )
             stained.append((win, halo[..., None] * _od(PLATELET_HALO_RGB) + core[..., None] * _od(PLATELET_RGB)))
             optic_extra.append((win, halo > 0.5, CYTOPLASM))
             optic_extra.append((win, core > 0.5, NUCLEUS))
