@@ -330,7 +330,7 @@ def _capsule(dx: np.ndarray, dy: np.ndarray, p: tuple[float, float], q: tuple[fl
 def _lobes(dx: np.ndarray, dy: np.ndarray, n: int, lobe_r: float, arc_r: float, rng: np.random.Generator) -> np.ndarray:
     """Oval lobes along an arc around the cell centre, joined by strands (segmented nuclei)."""
     long_r, short_r = 1.2 * lobe_r, 0.85 * lobe_r
-    step = 2.0 * math.asin(min(0.95, long_r * rng.uniform(0.95, 1.15) / arc_r))
+    step = 2.0 * math.asin(min(0.95, long_r * rng.uniform(0.8, 1.0) / arc_r))
     a = rng.uniform(0, 2 * np.pi)
     mask = np.zeros(np.broadcast_shapes(dx.shape, dy.shape), dtype=np.float32)
     centres = []
