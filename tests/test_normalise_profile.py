@@ -51,7 +51,7 @@ def test_profile_survives_its_json_round_trip(hm_profile: Path, hm_fields: dict,
 def test_provenance_holds_the_profile_sha256(hm_profile: Path) -> None:
     prov = HMNormaliser(str(hm_profile)).provenance()
     assert prov["profile"]["sha256"] == hashlib.sha256(hm_profile.read_bytes()).hexdigest()
-    assert prov["profile"]["path"] == str(hm_profile)
+    assert prov["profile"]["path"] == str(hm_profile.resolve())
 
 
 @pytest.mark.parametrize(

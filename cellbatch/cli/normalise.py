@@ -19,14 +19,25 @@ def normalise() -> None:
 
 
 @normalise.command("fit")
-@click.option("--source", type=click.Path(path_type=Path),
-              help="Captures in the look to convert from (DM1200): a folder or Zarr store. "
-              "Needed by hm and global.")
-@click.option("--target", type=click.Path(path_type=Path), required=True,
-              help="Captures in the look to convert to (DM96): a folder or Zarr store; need not be paired.")
+@click.option(
+    "--source",
+    type=click.Path(path_type=Path),
+    help="Captures in the look to convert from (DM1200): a folder or Zarr store. Needed by hm and global.",
+)
+@click.option(
+    "--target",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Captures in the look to convert to (DM96): a folder or Zarr store; need not be paired.",
+)
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Profile JSON to write.")
-@click.option("--method", type=click.Choice(["hm", "global", "reinhard", "macenko"]), default="hm",
-              show_default=True, help="Normaliser the profile is for (use it as --normalise METHOD:OUT).")
+@click.option(
+    "--method",
+    type=click.Choice(["hm", "global", "reinhard", "macenko"]),
+    default="hm",
+    show_default=True,
+    help="Normaliser the profile is for (use it as --normalise METHOD:OUT).",
+)
 @cell_diameter_option
 @detector_option
 @click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Use at most N captures of each set.")
@@ -41,7 +52,7 @@ def fit(
     limit: int | None,
     as_json: bool,
 ) -> None:
-    """Fit a normalisation profile from SOURCE and TARGET captures and write it to OUT.
+    """Fit a profile from --source and --target captures; write it to --out.
 
     hm segments every capture with --detector (background, red cells, cytoplasm, nucleus) and fits
     one Gaussian per class on each side; global fits one Gaussian per side; reinhard and macenko
@@ -56,8 +67,13 @@ def fit(
     from cellbatch.normalise.fit import fit_profile_files
 
     path, record = fit_profile_files(
-        out, method=method, source=source, target=target, detector=detector,
-        cell_diameter=cell_diameter, limit=limit,
+        out,
+        method=method,
+        source=source,
+        target=target,
+        detector=detector,
+        cell_diameter=cell_diameter,
+        limit=limit,
     )
     summary = {"profile": str(path), "sha256": sha256_file(path), **record}
     if as_json:

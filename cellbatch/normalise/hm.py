@@ -247,13 +247,13 @@ class HMNormaliser:
         self.profile = read_profile(arg, method="hm")
         k = N_CLASSES
         if self.profile.data.get("classes") != list(CLASSES):
-            self.profile._bad(f"has classes {self.profile.data.get('classes')!r}, expected {list(CLASSES)}")
+            self.profile.fail(f"has classes {self.profile.data.get('classes')!r}, expected {list(CLASSES)}")
         self.a = self.profile.array("transform", "A", shape=(k, 3, 3))
         self.b = self.profile.array("transform", "b", shape=(k, 3))
         mean = self.profile.array("source", "mean", shape=(k, 3))
         cov = self.profile.array("source", "cov", shape=(k, 3, 3))
         if (np.linalg.eigvalsh(cov) < -1e-6).any():
-            self.profile._bad("has a source covariance that is not positive semi-definite")
+            self.profile.fail("has a source covariance that is not positive semi-definite")
         self.settings = settings
         self.likelihood = ClassLikelihood(mean, cov, colour_sigma=settings.colour_sigma)
 

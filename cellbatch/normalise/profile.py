@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -46,22 +46,23 @@ class Profile:
         node: Any = self.data
         for key in keys:
             if not isinstance(node, dict) or key not in node:
-                self._bad(f"has no field {'.'.join(keys)!r}")
+                self.fail(f"has no field {'.'.join(keys)!r}")
             node = node[key]
         try:
             arr = np.asarray(node, dtype=np.float64)
         except (TypeError, ValueError):
-            self._bad(f"field {'.'.join(keys)!r} is not an array of numbers")
+            self.fail(f"field {'.'.join(keys)!r} is not an array of numbers")
         if arr.shape != shape:
-            self._bad(f"field {'.'.join(keys)!r} has shape {arr.shape}, expected {shape}")
+            self.fail(f"field {'.'.join(keys)!r} has shape {arr.shape}, expected {shape}")
         if not np.isfinite(arr).all():
-            self._bad(f"field {'.'.join(keys)!r} holds non-finite numbers")
+            self.fail(f"field {'.'.join(keys)!r} holds non-finite numbers")
         return arr
 
     def provenance(self) -> dict[str, Any]:
-        return {"path": str(self.path), "sha256": self.sha256, "format": self.data["format"]}
+        return {"path": str(self.path.resolve()), "sha256": self.sha256, "format": self.data["format"]}
 
-    def _bad(self, what: str) -> None:
+    def fail(self, what: str) -> NoReturn:
+        """Raise the :class:`ProfileError` for a profile whose content is wrong (``what`` says how)."""
         raise ProfileError(
             f"profile {self.path} {what}: it is corrupt or was edited by hand; refit it with "
             f"`cellbatch normalise fit --method {self.method}`"
@@ -93,8 +94,7 @@ def read_profile(path: str | Path | None, *, method: str) -> Profile:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(
-            f"profile {path} does not exist: fit one with "
-            f"`cellbatch normalise fit --method {method} --out {path}`"
+            f"profile {path} does not exist: fit one with `cellbatch normalise fit --method {method} --out {path}`"
         )
     raw = path.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
@@ -109,8 +109,7 @@ def read_profile(path: str | Path | None, *, method: str) -> Profile:
     if fmt != profile_format(method):
         other = fmt.removeprefix("cellbatch-").removesuffix("-profile")
         raise ProfileError(
-            f"profile {path} is a {other!r} profile, not {method!r}: use --normalise {other}:{path}, "
-            f"or {refit}"
+            f"profile {path} is a {other!r} profile, not {method!r}: use --normalise {other}:{path}, or {refit}"
         )
     version = data.get("version")
     if version != VERSION:
