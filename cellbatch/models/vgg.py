@@ -80,12 +80,18 @@ def load_vgg16(path: str | Path | None, *, seed: int = 0) -> VGG16Features:
     if not isinstance(state, dict):
         raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict: save model.state_dict()")
     features = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
-    missing, unexpected = net.features.load_state_dict(features, strict=False)
-    if missing or unexpected:
-        first = (missing or unexpected)[0]
+    try:
+        missing, unexpected = net.features.load_state_dict(features, strict=False)
+    except RuntimeError as exc:  # a key of the right name with the wrong shape
+        problem = str(exc).splitlines()[-1].strip()
+    else:
+        problem = ""
+        if missing or unexpected:
+            problem = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+    if problem:
         raise ModelError(
-            f"{path} does not fit the torchvision VGG-16 layout ({'missing' if missing else 'unexpected'} "
-            f"key {first!r}): pass a torchvision vgg16 or vgg16().features state dict"
+            f"{path} does not fit the torchvision VGG-16 layout ({problem}): "
+            "pass a torchvision vgg16 or vgg16().features state dict"
         )
     return net.eval()
 

@@ -26,7 +26,8 @@ def image_metrics(images: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     b = targets.astype(np.float64) / 255.0
     psnr, ssim, delta_e = [], [], []
     for img, tgt in zip(a, b, strict=True):
-        psnr.append(peak_signal_noise_ratio(tgt, img, data_range=1.0))
+        with np.errstate(divide="ignore"):  # identical images: PSNR is +inf, not a warning
+            psnr.append(peak_signal_noise_ratio(tgt, img, data_range=1.0))
         ssim.append(structural_similarity(tgt, img, data_range=1.0, channel_axis=-1))
         delta_e.append(float(deltaE_ciede2000(rgb2lab(tgt), rgb2lab(img)).mean()))
     return {

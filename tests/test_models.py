@@ -1,0 +1,103 @@
+"""The thesis networks: shapes, ranges, parameter counts, and the VGG-16 torchvision layout."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from cellbatch.errors import ModelError
+from cellbatch.models import (
+    PatchDiscriminator,
+    UNetGenerator,
+    VGG16Features,
+    count_parameters,
+    feature_loss,
+    gram_matrix,
+    load_vgg16,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """These networks are tiny: one thread beats two that wait on each other (and on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("size", [(128, 128), (256, 128), (256, 384)])
+def test_generator_keeps_shape_and_stays_in_tanh_range(size: tuple[int, int]) -> None:
+    g = UNetGenerator(base_filters=4).eval()
+    x = torch.rand(2, 3, *size) * 2 - 1
+    with torch.no_grad():
+        y = g(x)
+    assert y.shape == x.shape
+    assert y.min() >= -1 and y.max() <= 1
+
+
+def test_generator_has_seven_halving_encoders_and_uses_every_skip() -> None:
+    g = UNetGenerator(base_filters=4).eval()
+    assert len(g.encoders) == 7 and len(g.decoders) == 6
+    # A change in any 2x2 block of the input reaches the output through the shallowest skip.
+    x = torch.zeros(1, 3, 128, 128, requires_grad=True)
+    g(x)[0, :, 64, 64].sum().backward()
+    assert x.grad is not None and x.grad[0, :, 62:67, 62:67].abs().sum() > 0
+
+
+def test_generator_width_sets_parameter_count() -> None:
+    # 5x5 kernels throughout, widths base x (1, 2, 4, 8, 8, 8, 8): count grows with the square of the width.
+    assert count_parameters(UNetGenerator(base_filters=8)) == 1_023_723
+    assert count_parameters(UNetGenerator(base_filters=32)) == 16_344_483
+
+
+def test_discriminator_outputs_mean_patch_probability() -> None:
+    d = PatchDiscriminator(in_channels=6, base_filters=8).eval()
+    x = torch.rand(3, 6, 128, 128)
+    p = d(x)
+    assert p.shape == (3,)
+    assert torch.allclose(p, torch.sigmoid(d.patch_logits(x)).mean(dim=(1, 2, 3)))
+    assert d.patch_logits(x).shape == (3, 1, 14, 14)
+
+
+def test_discriminator_matches_thesis_parameter_count() -> None:
+    # The thesis counts 11,047,809 in Keras: conv biases everywhere and batch-norm running statistics.
+    d = PatchDiscriminator(in_channels=6, base_filters=128)
+    norms = [m for m in d.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    missing_biases = sum(m.num_features for m in norms)
+    running_stats = 2 * missing_biases
+    assert count_parameters(d) + missing_biases + running_stats == 11_047_809
+
+
+def test_vgg_loads_torchvision_state_dict_and_ignores_classifier(tmp_path) -> None:
+    reference = VGG16Features()
+    state = {f"features.{k}": torch.randn_like(v) for k, v in reference.features.state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(4096, 25088 // 512)
+    path = tmp_path / "vgg16.pth"
+    torch.save(state, path)
+    net = load_vgg16(path)
+    assert torch.equal(net.features[28].weight, state["features.28.weight"])
+    assert not any(p.requires_grad for p in net.parameters())
+    assert net(torch.zeros(1, 3, 128, 128)).shape == (1, 512, 4, 4)
+
+
+def test_vgg_rejects_a_state_dict_of_another_layout(tmp_path) -> None:
+    path = tmp_path / "other.pth"
+    torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3)}, path)
+    with pytest.raises(ModelError, match="torchvision VGG-16 layout"):
+        load_vgg16(path)
+
+
+def test_gram_matrix_is_normalised_outer_product() -> None:
+    f = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])  # (1, 2, 1, 2)
+    expected = torch.tensor([[[5.0, 11.0], [11.0, 25.0]]]) / 4
+    assert torch.allclose(gram_matrix(f), expected)
+
+
+def test_feature_loss_is_zero_for_equal_images_and_positive_otherwise() -> None:
+    vgg = load_vgg16(None, seed=1)
+    a = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert float(feature_loss(vgg, a, a)) == pytest.approx(0.0, abs=1e-12)
+    assert float(feature_loss(vgg, a, -a)) > 0

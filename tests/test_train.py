@@ -1,0 +1,215 @@
+"""Training: every setup trains and exports, resume is exact, options are checked, data is augmented alike."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cellbatch.errors import ConfigError, InputFormatError
+from cellbatch.export import export_generator, generator_from_run
+from cellbatch.modelfile import load_model
+from cellbatch.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from cellbatch.train.data import AugmentSettings, augment, read_pairs, split_indices
+from cellbatch.train.loop import TrainSettings, train
+from cellbatch.train.metrics import image_metrics
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """These networks are tiny: one thread beats two that wait on each other (and on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_pairs(root: Path, *, count: int = 6, size: int = 128, seed: int = 0) -> Path:
+    """Random blobs; the target look is a fixed colour map of the source look."""
+    rng = np.random.default_rng(seed)
+    (root / "source").mkdir(parents=True)
+    (root / "target").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(count):
+        cy, cx = rng.uniform(30, size - 30, 2)
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < rng.uniform(15, 30) ** 2)[..., None]
+        src = np.where(blob, [90, 60, 160], [225, 225, 235]) + rng.integers(-8, 9, (size, size, 3))
+        tgt = src * [1.0, 0.9, 0.75] + [10, 5, -5]
+        iio.imwrite(root / "source" / f"p{i}.png", np.clip(src, 0, 255).astype(np.uint8))
+        iio.imwrite(root / "target" / f"p{i}.png", np.clip(tgt, 0, 255).astype(np.uint8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_pairs(tmp_path_factory.mktemp("pairs") / "pairs")
+
+
+def _settings(pairs: Path, setup: str, **kw: object) -> TrainSettings:
+    base = {"steps": 2, "base_filters": 4, "batch_size": 2, "checkpoint_every": 2, "val_fraction": 0.34}
+    return TrainSettings(setup=setup, pairs=str(pairs), **{**base, **kw})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("setup", ["l1net", "l1gan", "ccgan", "pcnet"])
+def test_each_setup_trains_and_exports_a_loadable_generator(pairs: Path, tmp_path: Path, setup: str) -> None:
+    run = tmp_path / "run"
+    result = train(_settings(pairs, setup, vgg_random=setup == "pcnet"), run, device="cpu", progress=False)
+    assert result.step == 2
+    generator, meta = generator_from_run(run)
+    assert meta["setup"] == setup and meta["steps"] == 2 and meta["trained"] is True
+    assert set(meta["validation"]["input"]) == {"l1", "psnr", "ssim", "delta_e"}
+    path = export_generator(generator, tmp_path / "g.pt", metadata=meta, check_sizes=(128,))
+    model = load_model(path, kind="generator")
+    out = model.module(torch.zeros(1, 3, 128, 128))
+    assert out.shape == (1, 3, 128, 128) and torch.isfinite(out).all()
+    assert model.metadata["data_sha256"] == read_pairs(pairs).sha256
+
+
+def test_resume_continues_the_same_run_exactly(pairs: Path, tmp_path: Path) -> None:
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(_settings(pairs, "l1gan", steps=4), whole, device="cpu", progress=False)
+    train(_settings(pairs, "l1gan", steps=2), parts, device="cpu", progress=False)
+    result = train(_settings(pairs, "l1gan", steps=4), parts, device="cpu", progress=False, resume=True)
+    assert result.step == 4
+    a, b = load_checkpoint(latest_checkpoint(whole)), load_checkpoint(latest_checkpoint(parts))
+    for net in ("G", "D"):
+        assert all(torch.equal(a["models"][net][k], b["models"][net][k]) for k in a["models"][net])
+    assert a["optimizers"]["G"]["state"][0]["step"] == b["optimizers"]["G"]["state"][0]["step"] == 4
+    with open(parts / "metrics.csv") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [2, 4]
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(pairs: Path, tmp_path: Path) -> None:
+    train(_settings(pairs, "l1net"), tmp_path / "run", device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(_settings(pairs, "l1net"), tmp_path / "run", device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="base_filters"):
+        train(_settings(pairs, "l1net", base_filters=8, steps=3), tmp_path / "run", device="cpu", resume=True)
+
+
+def test_checkpoints_are_pruned_to_the_newest(pairs: Path, tmp_path: Path) -> None:
+    train(
+        _settings(pairs, "l1net", steps=3, checkpoint_every=1, keep_checkpoints=2),
+        tmp_path / "r",
+        device="cpu",
+    )
+    assert [step for step, _ in list_checkpoints(tmp_path / "r")] == [2, 3]
+
+
+def test_pcnet_refuses_to_train_without_vgg_weights(pairs: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--vgg-weights"):
+        train(_settings(pairs, "pcnet"), tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_pcnet_without_vgg_weights_in_one_line(pairs: Path, tmp_path: Path) -> None:
+    from cellbatch.cli.train import train as train_cli
+
+    result = CliRunner().invoke(
+        train_cli, ["--setup", "pcnet", "--pairs", str(pairs), "--out", str(tmp_path / "r")]
+    )
+    assert isinstance(result.exception, ConfigError)
+    assert "\n" not in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"setup": "l1net", "weights": {"cycle": 1.0}}, "does not apply to l1net"),
+        ({"setup": "l1gan", "vgg_random": True}, "pcnet only"),
+        ({"setup": "l1net", "crop": 200}, "multiple of 128"),
+        ({"setup": "ccgan", "unpaired_source": "x"}, "go together"),
+        ({"setup": "l1net", "batch_size": 1}, "at least 2"),
+    ],
+)
+def test_contradicting_options_are_config_errors(pairs: Path, tmp_path: Path, kw: dict, match: str) -> None:
+    setup = kw.pop("setup")
+    with pytest.raises(ConfigError, match=match):
+        train(_settings(pairs, setup, **kw), tmp_path / "run", device="cpu")
+
+
+def test_cli_trains_with_weights_and_reports_json(pairs: Path, tmp_path: Path) -> None:
+    from cellbatch.cli.train import train as train_cli
+
+    args = ["--setup", "l1net", "--pairs", str(pairs), "--out", str(tmp_path / "r"), "--steps", "2"]
+    args += [
+        "--base-filters",
+        "4",
+        "--batch-size",
+        "2",
+        "--weight",
+        "l1=3",
+        "--device",
+        "cpu",
+        "--json",
+        "-q",
+    ]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["step"] == 2 and "delta_e" in summary["input"]
+    stored = json.loads((tmp_path / "r" / "settings.json").read_text())
+    assert stored["weights"] == {"l1": 3.0} and stored["batch_size"] == 2
+
+
+def test_augmentation_treats_source_and_target_alike() -> None:
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (4, 128, 128, 3), dtype=np.uint8)
+    tgt = 255 - src
+    x, y = augment([src, tgt], rng=rng, settings=AugmentSettings(rotate=True, intensity=True, crop=64))
+    assert x.shape == (4, 3, 64, 64)
+    # Same crop, rotation, gain and offset on both: x + y is one constant per image (before clipping).
+    total = (x + y).flatten(1)
+    unclipped = ((x > -1) & (x < 1) & (y > -1) & (y < 1)).flatten(1)
+    for row, keep in zip(total, unclipped, strict=True):
+        assert float(row[keep].max() - row[keep].min()) < 1e-5
+
+
+def test_rotation_is_switchable() -> None:
+    rng = np.random.default_rng(0)
+    src = np.arange(4 * 8 * 8 * 3, dtype=np.uint8).reshape(4, 8, 8, 3)
+    (x,) = augment([src], rng=rng, settings=AugmentSettings(rotate=False, intensity=False))
+    assert np.array_equal(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), src)
+
+
+def test_split_is_seeded_and_disjoint() -> None:
+    train_idx, val_idx = split_indices(20, val_fraction=0.1, seed=1)
+    assert len(val_idx) == 2 and not set(train_idx) & set(val_idx)
+    assert np.array_equal(val_idx, split_indices(20, val_fraction=0.1, seed=1)[1])
+
+
+def test_unmatched_pairs_are_refused(tmp_path: Path) -> None:
+    root = _write_pairs(tmp_path / "p", count=3)
+    (root / "target" / "p1.png").unlink()
+    with pytest.raises(InputFormatError, match="p1.png has no partner"):
+        read_pairs(root)
+
+
+def test_image_metrics_of_identical_images_are_perfect() -> None:
+    img = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    m = image_metrics(img, img)
+    assert m["l1"] == 0 and m["delta_e"] == 0 and m["ssim"] == pytest.approx(1.0) and m["psnr"] == np.inf
+    darker = (img * 0.8).astype(np.uint8)
+    assert image_metrics(darker, img)["delta_e"] > 1
+
+
+def test_pairs_from_synth_writes_aligned_crops(tmp_path: Path) -> None:
+    from cellbatch.train.synthpairs import pairs_from_synth
+
+    root = pairs_from_synth(tmp_path / "pairs", count=2, seed=4)
+    pairs = read_pairs(root)
+    assert pairs.source.shape[1:] == (256, 256, 3) and len(pairs.names) >= 2
+    with open(root / "pairs.csv") as fh:
+        assert [r["name"] for r in csv.DictReader(fh)] == list(pairs.names)
+    # Same scene, other look: the images differ in colour but not in where things are.
+    gray_src = pairs.source.astype(float).mean(-1)
+    gray_tgt = pairs.target.astype(float).mean(-1)
+    assert np.corrcoef(gray_src.ravel(), gray_tgt.ravel())[0, 1] > 0.8
+    assert image_metrics(pairs.source, pairs.target)["delta_e"] > 2
