@@ -114,28 +114,37 @@ def soft_regions(
     p_bg, p_nuc : np.ndarray
         (H, W) float32 probabilities.
     """
-    x = image.reshape(-1, 3).astype(np.float32)
-    lum = x.mean(axis=1)
+    h, w = image.shape[:2]
+    # planar (3, P) colours: reductions over the channel axis then run over long contiguous rows
+    x = image.reshape(-1, 3).T.astype(np.float32, order="C")
+    lum = x.sum(axis=0) / 3
     if labels is not None and (labels == BACKGROUND).sum() >= MIN_BACKGROUND_PIXELS:
         bg_mask = labels == BACKGROUND
-        background = x[bg_mask.reshape(-1)].mean(axis=0)
+        background = x[:, bg_mask.reshape(-1)].mean(axis=1)
         p_bg = bg_mask.astype(np.float32)
     else:
         # a crop filled by its cell has (almost) no labelled background: estimate it from colour
-        score = lum - (x.max(axis=1) - x.min(axis=1))
-        brightest = x[score >= np.percentile(score, 75)]
-        background = np.median(brightest, axis=0)
-        dist = np.linalg.norm(x - background, axis=1)
-        spread = max(3.0 * float(np.median(np.linalg.norm(brightest - background, axis=1))), MIN_BACKGROUND_SPREAD)
-        p_bg = np.exp(-0.5 * (dist / spread) ** 2).reshape(image.shape[:2])
+        score = lum - (x.max(axis=0) - x.min(axis=0))
+        brightest = x[:, score >= np.partition(score, (3 * score.size) // 4)[(3 * score.size) // 4]]
+        background = np.median(brightest, axis=1)
+        spread = 3.0 * float(np.median(_distance(brightest, background)))
+        dist = _distance(x, background)
+        p_bg = np.exp(-0.5 * (dist / max(spread, MIN_BACKGROUND_SPREAD)) ** 2).reshape(h, w)
     if labels is not None:
         p_nuc = (labels == NUCLEUS).astype(np.float32)
     else:
-        p_nuc = _dark_part(lum, p_bg.reshape(-1)).reshape(image.shape[:2])
+        p_nuc = _dark_part(lum, p_bg.reshape(-1)).reshape(h, w)
     if softness > 0:
         p_bg = cv2.GaussianBlur(p_bg, (0, 0), softness, borderType=cv2.BORDER_REFLECT)
         p_nuc = cv2.GaussianBlur(p_nuc, (0, 0), softness, borderType=cv2.BORDER_REFLECT)
     return background.astype(np.float32), p_bg.astype(np.float32), p_nuc.astype(np.float32)
+
+
+def _distance(planes: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """Euclidean distance of every column of (3, P) ``planes`` from ``colour`` (3,)."""
+    d = planes - colour[:, None].astype(planes.dtype)
+    d *= d
+    return np.sqrt(d.sum(axis=0))
 
 
 def _dark_part(lum: np.ndarray, p_bg: np.ndarray) -> np.ndarray:
@@ -153,15 +162,19 @@ def _dark_part(lum: np.ndarray, p_bg: np.ndarray) -> np.ndarray:
 def display(image: np.ndarray, labels: np.ndarray | None = None, *, settings: DisplaySettings) -> np.ndarray:
     """Display-normalise one (H, W, 3) uint8 RGB crop (labels (H, W) uint8 or ``None``)."""
     bg_est, p_bg, p_nuc = soft_regions(image, labels, softness=settings.softness)
-    target = np.asarray(settings.background, np.float32)
-    x = image.astype(np.float32) * (target / np.maximum(bg_est, 1.0))
+    target = np.asarray(settings.background, np.float32)[:, None]
+    p_bg, p_nuc = p_bg.reshape(-1), p_nuc.reshape(-1)
+    x = image.reshape(-1, 3).T.astype(np.float32, order="C")
+    x *= target / np.maximum(bg_est[:, None], 1.0)
     x = target - settings.contrast * (target - x)
     weight = p_nuc.sum()
     if weight > 1 and settings.nucleus_gain != 1:
-        nuc_mean = np.tensordot(p_nuc, x, axes=([0, 1], [0, 1])) / weight
-        x += (settings.nucleus_gain - 1) * p_nuc[..., None] * (x - nuc_mean)
-    x += p_bg[..., None] * (target - x)
-    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+        nuc_mean = (x @ p_nuc) / weight
+        x += (settings.nucleus_gain - 1) * p_nuc * (x - nuc_mean[:, None])
+    x += p_bg * (target - x)
+    x += 0.5
+    np.clip(x, 0, 255, out=x)
+    return np.ascontiguousarray(x.astype(np.uint8).T).reshape(image.shape)
 
 
 class DisplayNormaliser:

@@ -128,7 +128,7 @@ def class_probabilities(
 
 def _planar(image: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (3, H*W) float32."""
-    return image.reshape(-1, 3).T.astype(np.float32)
+    return image.reshape(-1, 3).T.astype(np.float32, order="C")
 
 
 def _blur(planes: np.ndarray, sigma: float) -> np.ndarray:
