@@ -91,7 +91,7 @@ def read_profile(path: str | Path | None, *, method: str) -> Profile:
             f"--normalise {method} needs a profile: write --normalise {method}:PROFILE.json, fitted with "
             f"`cellbatch normalise fit --method {method} ...`"
         )
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise InputNotFoundError(
             f"profile {path} does not exist: fit one with `cellbatch normalise fit --method {method} --out {path}`"
