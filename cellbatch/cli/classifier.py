@@ -63,9 +63,7 @@ def train(
     from cellbatch.models.classifier import TrainSettings, export_classifier, image_folder, train_classifier
 
     device = resolve_device(device)
-    settings = TrainSettings(
-        epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed
-    )
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed)
     files, labels, classes = image_folder(data_dir)
     log = None if quiet or as_json else (lambda line: click.echo(line, err=True))
     started = time.perf_counter()
@@ -93,9 +91,7 @@ def train(
     if as_json:
         click.echo(json.dumps({"out": str(out_path), **report}, indent=2))
     else:
-        accuracy = (
-            "n/a (nothing held out)" if result.heldout_accuracy is None else f"{result.heldout_accuracy:.1%}"
-        )
+        accuracy = "n/a (nothing held out)" if result.heldout_accuracy is None else f"{result.heldout_accuracy:.1%}"
         click.echo(
             f"{out_path}: {len(classes)} classes, trained on {result.n_train} images in {seconds:.0f} s, "
             f"held-out accuracy {accuracy} on {result.n_heldout} images"
