@@ -121,7 +121,9 @@ def build(method: str, source, target, detect, folder: Path, *, true_labels: boo
         fields = fit_hm(source, target)
     else:
         images_s, images_t = [im for im, _ in source], [im for im, _ in target]
-        fields, _ = fit_profile(method, source=images_s, target=images_t, segment=lambda im: detect(im).labels)
+        fields, _ = fit_profile(
+            method, source=images_s, target=images_t, segment=lambda im: detect(im).labels
+        )
     path = write_profile(folder / f"{method}.json", method=method, fields=fields, fit={"benchmark": True})
     return normalisers.get(method)(str(path))
 
@@ -156,7 +158,9 @@ def table(title: str, rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", choices=["synth", "pbc"], default=["synth", "pbc"])
-    parser.add_argument("--fit", type=int, default=40, help="captures in each of the source and target fit sets")
+    parser.add_argument(
+        "--fit", type=int, default=40, help="captures in each of the source and target fit sets"
+    )
     parser.add_argument("--test", type=int, default=24, help="test cells")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--detector", default="threshold")
@@ -165,7 +169,9 @@ def main() -> None:
 
     cv2.setNumThreads(1)
     detect = detectors.get(args.detector)(DetectSettings(cell_diameter=args.cell_diameter))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; timings on 1 thread")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; timings on 1 thread"
+    )
     for which in args.sets:
         if which == "pbc" and not (DATA / "pbc").is_dir():
             print(f"\n(pbc skipped: {DATA / 'pbc'} not found)")

@@ -10,7 +10,13 @@ import pytest
 
 from cellbatch.colour import mean_delta_e
 from cellbatch.normalise.global_affine import GlobalAffineNormaliser, fit_global
-from cellbatch.normalise.macenko import MacenkoNormaliser, background, fit_macenko, optical_density, stain_vectors
+from cellbatch.normalise.macenko import (
+    MacenkoNormaliser,
+    background,
+    fit_macenko,
+    optical_density,
+    stain_vectors,
+)
 from cellbatch.normalise.profile import write_profile
 from cellbatch.normalise.reinhard import ReinhardNormaliser, fit_reinhard, rgb_to_lab32
 from cellbatch.registry import normalisers

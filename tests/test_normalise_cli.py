@@ -109,7 +109,9 @@ def test_fit_reads_zarr_stores_and_reports_json(captures, tmp_path: Path, capsys
 def test_target_only_methods_need_no_source(captures, tmp_path: Path, method: str) -> None:
     out = tmp_path / f"{method}.json"
     assert cli("normalise", "fit", "--method", method, "--target", str(captures[1]), "--out", str(out)) == 0
-    assert normalisers.get(method)(str(out)).provenance()["profile"]["format"] == f"cellbatch-{method}-profile"
+    assert (
+        normalisers.get(method)(str(out)).provenance()["profile"]["format"] == f"cellbatch-{method}-profile"
+    )
 
 
 def test_user_mistakes_are_one_line_errors(captures, tmp_path: Path, capsys) -> None:
@@ -120,7 +122,16 @@ def test_user_mistakes_are_one_line_errors(captures, tmp_path: Path, capsys) -> 
     assert "--method global needs --source" in capsys.readouterr().err
     assert (
         cli(
-            "normalise", "fit", "--method", "global", "--source", str(empty), "--target", str(captures[1]), "--out", out
+            "normalise",
+            "fit",
+            "--method",
+            "global",
+            "--source",
+            str(empty),
+            "--target",
+            str(captures[1]),
+            "--out",
+            out,
         )
         == 3
     )

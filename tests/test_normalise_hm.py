@@ -170,7 +170,10 @@ def test_soft_blending_leaves_no_seam_at_a_class_border(tmp_path: Path) -> None:
     border, inside = column_gradients(soft)
     assert border <= inside
     hard = blend_affine(
-        image, (labels[None] == np.arange(k)[:, None, None]).astype(np.float32), b=b, a=np.stack([np.eye(3)] * k)
+        image,
+        (labels[None] == np.arange(k)[:, None, None]).astype(np.float32),
+        b=b,
+        a=np.stack([np.eye(3)] * k),
     )
     hard_border, hard_inside = column_gradients(hard)
     assert hard_border > 2 * hard_inside  # the same check catches the seam of hard masks

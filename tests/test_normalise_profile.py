@@ -29,14 +29,18 @@ def hm_fields() -> dict:
 
 @pytest.fixture
 def hm_profile(tmp_path: Path, hm_fields: dict) -> Path:
-    return write_profile(tmp_path / "hm.json", method="hm", fields=hm_fields, fit={"source": "a", "target": "b"})
+    return write_profile(
+        tmp_path / "hm.json", method="hm", fields=hm_fields, fit={"source": "a", "target": "b"}
+    )
 
 
 def test_profile_survives_its_json_round_trip(hm_profile: Path, hm_fields: dict, tmp_path: Path) -> None:
     data = json.loads(hm_profile.read_text())
     assert data["format"] == "cellbatch-hm-profile" and data["version"] == 1
     profile = read_profile(hm_profile, method="hm")
-    np.testing.assert_array_equal(profile.array("transform", "A", shape=(4, 3, 3)), hm_fields["transform"]["A"])
+    np.testing.assert_array_equal(
+        profile.array("transform", "A", shape=(4, 3, 3)), hm_fields["transform"]["A"]
+    )
     np.testing.assert_array_equal(profile.array("source", "cov", shape=(4, 3, 3)), hm_fields["source"]["cov"])
     # written again from what was read, the file is byte-identical: nothing is lost or rounded
     again = write_profile(
@@ -78,7 +82,9 @@ def test_a_truncated_field_names_the_field(hm_profile: Path) -> None:
     data = json.loads(hm_profile.read_text())
     data["transform"]["A"] = data["transform"]["A"][:3]
     hm_profile.write_text(json.dumps(data))
-    with pytest.raises(ProfileError, match=r"field 'transform.A' has shape \(3, 3, 3\), expected \(4, 3, 3\)"):
+    with pytest.raises(
+        ProfileError, match=r"field 'transform.A' has shape \(3, 3, 3\), expected \(4, 3, 3\)"
+    ):
         HMNormaliser(str(hm_profile))
 
 

@@ -117,7 +117,9 @@ def fit_profile(
         # see the module docstring: the detector sees the source in (roughly) the target look
         global_map = fit_global(source, target)["transform"]
         a, b = global_map["A"], global_map["b"]
-        fields = fit_hm(((im, segment(apply_affine(im, a, b))) for im in src), ((im, segment(im)) for im in tgt))
+        fields = fit_hm(
+            ((im, segment(apply_affine(im, a, b))) for im in src), ((im, segment(im)) for im in tgt)
+        )
     elif method == "global":
         fields = fit_global(src, tgt)
     elif method == "reinhard":
@@ -158,7 +160,9 @@ def fit_profile_files(
 
     src = CaptureSet(source, limit=limit) if source is not None and method in NEEDS_SOURCE else None
     try:
-        fields, counts = fit_profile(method, source=src, target=CaptureSet(target, limit=limit), segment=segment)
+        fields, counts = fit_profile(
+            method, source=src, target=CaptureSet(target, limit=limit), segment=segment
+        )
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise

@@ -88,10 +88,14 @@ def fit_macenko(target: Iterable[np.ndarray]) -> dict[str, Any]:
         raise ValueError("the target images hold too few stained pixels to estimate stain vectors")
     max_c = np.percentile(concentrations(od, he), 99, axis=1)
     light = np.median(np.stack(lights), axis=0)
-    return {"target": {"stains": he, "max_concentration": max_c, "background": light, "pixels": int(od.shape[0])}}
+    return {
+        "target": {"stains": he, "max_concentration": max_c, "background": light, "pixels": int(od.shape[0])}
+    }
 
 
-def macenko(image: np.ndarray, *, stains: np.ndarray, max_concentration: np.ndarray, light: np.ndarray) -> np.ndarray:
+def macenko(
+    image: np.ndarray, *, stains: np.ndarray, max_concentration: np.ndarray, light: np.ndarray
+) -> np.ndarray:
     """Remix one (H, W, 3) uint8 RGB image with the target's ``stains`` (3, 2), ``max_concentration``
     (2,) and background colour ``light`` (3,)."""
     od = optical_density(image, background(image))
@@ -120,7 +124,9 @@ class MacenkoNormaliser:
     def __call__(self, crops: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
         out = np.empty_like(crops)
         for i in range(crops.shape[0]):
-            out[i] = macenko(crops[i], stains=self.stains, max_concentration=self.max_concentration, light=self.light)
+            out[i] = macenko(
+                crops[i], stains=self.stains, max_concentration=self.max_concentration, light=self.light
+            )
         return out
 
     def provenance(self) -> dict[str, Any]:

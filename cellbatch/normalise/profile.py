@@ -94,7 +94,8 @@ def read_profile(path: str | Path | None, *, method: str) -> Profile:
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputNotFoundError(
-            f"profile {path} does not exist: fit one with `cellbatch normalise fit --method {method} --out {path}`"
+            f"profile {path} does not exist: fit one with "
+            f"`cellbatch normalise fit --method {method} --out {path}`"
         )
     raw = path.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
@@ -109,7 +110,8 @@ def read_profile(path: str | Path | None, *, method: str) -> Profile:
     if fmt != profile_format(method):
         other = fmt.removeprefix("cellbatch-").removesuffix("-profile")
         raise ProfileError(
-            f"profile {path} is a {other!r} profile, not {method!r}: use --normalise {other}:{path}, or {refit}"
+            f"profile {path} is a {other!r} profile, not {method!r}: "
+            f"use --normalise {other}:{path}, or {refit}"
         )
     version = data.get("version")
     if version != VERSION:
