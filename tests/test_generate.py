@@ -65,3 +65,20 @@ def test_a_classifier_is_not_a_generator(tmp_path):
     path = save_model(torch.jit.script(Identity()), tmp_path / "clf.pt", {"kind": "classifier", "classes": ["a"]})
     with pytest.raises(ModelError, match="classifier"):
         Generator.load(path)
+
+
+@pytest.mark.gpu
+def test_generator_on_cuda_gives_the_cpu_result(tmp_path, crops):
+    from cellbatch.export import export_generator, generator_metadata, untrained_generator
+
+    net = untrained_generator(base_filters=8, seed=0)
+    path = export_generator(net, tmp_path / "g.pt", metadata=generator_metadata(net, trained=False))
+    on_cpu = Generator.load(path, device="cpu")(crops)
+    on_gpu = Generator.load(path, device="cuda")(crops)
+    assert np.abs(on_cpu.astype(int) - on_gpu.astype(int)).max() <= 2  # TF32/cuDNN rounding, not bugs
+
+
+@pytest.mark.gpu
+def test_negating_generator_on_cuda_is_exact(tmp_path, crops):
+    gen = Generator.load(save_generator(Negate(), tmp_path / "neg.pt"), device="cuda")
+    assert np.array_equal(gen(crops), 255 - crops)

@@ -223,3 +223,17 @@ def test_untrained_model_is_marked_in_provenance_and_run_json(tmp_path, cellbatc
     assert any("UNTRAINED" in n for n in json.loads(out)["notes"])
     prov = json.loads((tmp_path / "out" / "s" / "provenance.json").read_text())
     assert prov["model"]["trained"] is False
+
+
+@pytest.mark.gpu
+def test_run_on_cuda_matches_the_cpu_run(tmp_path, cellbatch):
+    write_slides(tmp_path / "in", slides={"s": 2})
+    model = save_generator(Negate(), tmp_path / "neg.pt")
+    for device in ("cpu", "cuda"):
+        code, _, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / device, "--model", model,
+                                 "--device", device, *TOY)
+        assert code == 0, err
+    groups = [zarr.open_group(str(tmp_path / d / "s" / "cells.zarr"), mode="r") for d in ("cpu", "cuda")]
+    assert np.array_equal(groups[0]["generated"][:], groups[1]["generated"][:])
+    prov = json.loads((tmp_path / "cuda" / "s" / "provenance.json").read_text())
+    assert prov["environment"]["device"] == "cuda" and prov["environment"]["device_name"] != "cpu"
