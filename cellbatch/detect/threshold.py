@@ -20,11 +20,12 @@ Steps, at the working scale (distances in cell diameters ``D``):
    white cell when its nucleus is large (above any giant platelet), or mid-sized and either dense
    (erythroblasts and small lymphocytes have chromatin darker than a platelet's granulomere) or vivid
    blue-violet (pale Wright stains). Each kept seed then moves to the middle of the nucleus it owns.
-5. **Segmentation.** Nucleus pixels are nucleus-coloured and dark relative to their own nucleus (which
-   keeps eosinophil granules out). The cell is a circle fitted to where 32 rays from the nucleus
-   leave the stained area; rays that run on into a neighbouring red cell or off the capture are
-   outliers, so overlapping red cells do not drag the outline. Cytoplasm is the stained part of the
-   circle outside the nucleus.
+5. **Segmentation.** Nucleus pixels are nucleus-coloured and absorb red light nearly as much as their
+   nucleus does (chromatin absorbs red, eosin hardly: this keeps eosinophil granules out); specks
+   smaller than ``0.01 D^2`` are dropped. The cell is a circle fitted to where 32 rays from the
+   nucleus leave the stained area; rays that run on into a neighbouring red cell or off the capture
+   are outliers, so overlapping red cells do not drag the outline. Cytoplasm is the stained part of
+   the circle outside the nucleus. ``edge`` is set when the cell touches the capture border.
 
 Full-resolution labels: the white-cell classes are upsampled from the working scale; background
 versus red cell is re-decided per full-resolution pixel from the green channel, the channel red
@@ -45,7 +46,7 @@ WORK_DIAMETER = 28.0
 # Stain thresholds on white-balanced values in [0, 1]. Measured on MGG (PBC, DM96) and Wright (BCCD)
 # captures: nuclei have B - G of 0.3 to 0.5; red cells and background below 0.12.
 NUCLEUS_PURPLE = 0.22
-STAINED_DARK = 0.10  # darker than this (1 - mean of white-balanced RGB) is a cell of some kind
+STAINED_DARK = 0.06  # darker than this (1 - mean of white-balanced RGB) is part of some cell
 BACKGROUND_PERCENTILE = 98.0  # the background is the brightest part of any blood-film capture
 
 # Seeds, in cell diameters.
@@ -57,16 +58,19 @@ VALLEY_DISTANCE = 0.8  # up to this far, maxima joined without a density valley 
 VALLEY_RATIO = 0.75
 NUCLEUS_SPAN = 1.5  # lobes of one nucleus span at most this much, edge to edge
 CELL_REACH = 0.85  # a cell extends at most this far from its seed
+SPECK = 0.01  # nucleus fragments smaller than this (D^2) are granules or debris
 
 # Acceptance: nucleus area in squared cell diameters (a round nucleus 0.73 D across has 0.42 D^2).
 # Measured on PBC (MGG; its cells are about 1.3x the 110 px default), BCCD (Wright) and cellbatch.synth.
 MIN_NUCLEUS = 0.12  # below: ordinary platelets, specks of stain precipitate, detached lobes
 LARGE_NUCLEUS = 0.42  # above: a nucleus whatever its colour (PBC giant platelets: 99th pct 0.41)
 PLATELET_RATIO = (0.80, 1.10)  # purple / darkness of MGG platelets; chromatin is darker, Wright bluer
-CELL_BODY = 0.70  # a stained body this large (D^2) around a blob makes it a cell
+CELL_BODY = 0.65  # a stained body this large (D^2) around a blob makes it a cell (platelets: 99th pct 0.60)
 SMALL_BODY = 0.30  # with dense chromatin, a body this large suffices (erythroblasts, lymphocytes)
-DENSE_CHROMATIN = 0.58  # 75th percentile of darkness within the nucleus
-NUCLEUS_RELATIVE_DARK = 0.8  # a nucleus pixel is this dark relative to its nucleus' 75th percentile
+DENSE_CHROMATIN = 0.61  # 75th percentile of darkness within the nucleus
+# Chromatin absorbs red light, eosin (eosinophil granules, red cells) hardly: a nucleus pixel absorbs at
+# least this fraction of the red its nucleus' 75th percentile absorbs.
+NUCLEUS_RELATIVE_RED = 0.75
 
 # Cell outline.
 N_RAYS = 32
@@ -137,8 +141,12 @@ class ThresholdDetector:
             nuc = mine & maps.nucleus[win]
             if not nuc.any():
                 continue
-            nuc &= maps.dark[win] >= NUCLEUS_RELATIVE_DARK * float(np.percentile(maps.dark[win][nuc], 75))
-            region = _cell_body(nuc, mine & maps.stained[win], d) | nuc
+            red_absorbed = 1.0 - balanced[..., 0][win]
+            nuc &= red_absorbed >= NUCLEUS_RELATIVE_RED * float(np.percentile(red_absorbed[nuc], 75))
+            nuc = _without_specks(nuc, d)
+            if not nuc.any():
+                continue
+            region = _cell_body(nuc, mine & maps.stained[win], CELL_REACH * d, d) | nuc
             view = cell_classes[win]
             view[region] = CYTOPLASM
             view[nuc] = NUCLEUS
@@ -273,14 +281,21 @@ def _platelet(nuc: np.ndarray, mine: np.ndarray, win: tuple[slice, slice], maps:
     ratio = float(maps.purple[win][nuc].mean()) / max(float(nuc_dark.mean()), 1e-3)
     if not PLATELET_RATIO[0] <= ratio <= PLATELET_RATIO[1]:
         return False
-    body = np.count_nonzero(_cell_body(nuc, mine & maps.stained[win], d) | nuc) / (d * d)
+    body = np.count_nonzero(_cell_body(nuc, mine & maps.stained[win], CELL_REACH * d, d) | nuc) / (d * d)
     if body >= CELL_BODY:
         return False
     dense = float(np.percentile(nuc_dark, 75)) >= DENSE_CHROMATIN
     return not (dense and body >= SMALL_BODY)
 
 
-def _cell_body(nuc: np.ndarray, stained: np.ndarray, d: float) -> np.ndarray:
+def _without_specks(nuc: np.ndarray, d: float) -> np.ndarray:
+    """The nucleus mask without isolated specks (eosinophil granules, a stray platelet fragment)."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(nuc.view(np.uint8), connectivity=8)
+    small = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] < SPECK * d * d) + 1
+    return nuc & ~np.isin(labels, small) if len(small) else nuc
+
+
+def _cell_body(nuc: np.ndarray, stained: np.ndarray, reach: float, d: float) -> np.ndarray:
     """The stained disc around a nucleus: a circle fitted to where rays from the nucleus leave the cell.
 
     Rays that run on into a neighbouring red cell (too long) or off the window (the capture border or
@@ -290,7 +305,7 @@ def _cell_body(nuc: np.ndarray, stained: np.ndarray, d: float) -> np.ndarray:
     h, w = nuc.shape
     ys, xs = np.nonzero(nuc)
     cx, cy = float(xs.mean()), float(ys.mean())
-    rho = np.arange(0.0, CELL_REACH * d, 0.5, dtype=np.float32)
+    rho = np.arange(0.0, reach, 0.5, dtype=np.float32)
     px = cx + _RAY_COS[:, None] * rho
     py = cy + _RAY_SIN[:, None] * rho
     ix, iy = np.round(px).astype(np.intp), np.round(py).astype(np.intp)
@@ -310,7 +325,7 @@ def _cell_body(nuc: np.ndarray, stained: np.ndarray, d: float) -> np.ndarray:
         sol = np.linalg.lstsq(np.stack([bx, by, np.ones_like(bx)], axis=1), bx * bx + by * by, rcond=None)[0]
         fx, fy = float(sol[0]) / 2.0, float(sol[1]) / 2.0
         fr = float(np.sqrt(max(float(sol[2]) + fx * fx + fy * fy, 0.0)))
-        if np.hypot(fx - cx, fy - cy) <= CELL_REACH * d and MIN_RADIUS * d <= fr <= CELL_REACH * d:
+        if np.hypot(fx - cx, fy - cy) <= reach and MIN_RADIUS * d <= fr <= reach:
             centre, radius = (fx, fy), fr
     yy, xx = np.ogrid[0:h, 0:w]
     disc = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 <= (radius * CIRCLE_MARGIN) ** 2
