@@ -12,10 +12,16 @@ Captures: synthetic 640x480 DM-scale captures from :func:`cellbatch.synth.synth_
 are more magnified, so use ``--cell-diameter 200``; the detector's cost depends on the number of
 pixels at the working scale, so that run is cheaper than DM captures at 110).
 
+``--pbc`` instead prints the PBC figures of the issue (../shared/data/pbc, 1,200 DM96 captures, one
+centred cell each): per class, the share of captures with exactly one cell within 25 px of the image
+centre (nucleated classes) or with no cell at all (platelets). BCCD recall and precision come from
+``cellbatch eval detect`` (see docs/detection.md).
+
 Run from the repository root::
 
     python benchmarks/bench_detect.py
     python benchmarks/bench_detect.py --source bccd --cell-diameter 200 --json
+    python benchmarks/bench_detect.py --pbc
 """
 
 from __future__ import annotations
@@ -98,6 +104,26 @@ def measure(captures: list[np.ndarray], detector_name: str, cell_diameter: float
     }
 
 
+def pbc_rates(detector_name: str, cell_diameter: float, radius: float = 25.0) -> dict[str, dict[str, float]]:
+    """Per PBC class: captures, and the share that meets the issue's criterion."""
+    folder = DATA / "pbc"
+    if not folder.is_dir():
+        raise SystemExit(f"PBC images not found at {folder}")
+    detector = detectors.get(detector_name)(DetectSettings(cell_diameter=cell_diameter))
+    rates: dict[str, dict[str, float]] = {}
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        good = total = 0
+        for path in sorted(class_dir.glob("*.jpg")):
+            image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+            cells = detector(image).cells
+            h, w = image.shape[:2]
+            near = [c for c in cells if np.hypot(c.cx - w / 2, c.cy - h / 2) <= radius]
+            good += (not cells) if class_dir.name == "platelet" else (len(near) == 1)
+            total += 1
+        rates[class_dir.name] = {"captures": total, "rate": good / total}
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", choices=("synth", "bccd"), default="synth")
@@ -107,9 +133,19 @@ def main() -> None:
     parser.add_argument("--detector", default="threshold")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--pbc", action="store_true", help="print the PBC centre and platelet rates instead")
     args = parser.parse_args()
 
     cv2.setNumThreads(1)
+    if args.pbc:
+        rates = pbc_rates(args.detector, args.cell_diameter)
+        if args.json:
+            print(json.dumps(rates, indent=2))
+            return
+        for name, r in rates.items():
+            what = "no cell" if name == "platelet" else "one cell within 25 px of the centre"
+            print(f"{name:13s} {r['captures']:4d} captures  {r['rate']:.4f}  ({what})")
+        return
     if args.source == "synth":
         captures = synth_captures(args.n, args.cell_diameter, args.seed)
     else:
