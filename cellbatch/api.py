@@ -74,7 +74,7 @@ def convert(
     stages = load_stages(settings, model=model, model_sha256=model_sha256, classifier=classifier, classes=classes,
                          reference=reference, min_agreement=min_agreement, min_confidence=min_confidence)
     check_writable(out)
-    report = RunReport(out=out, command=command or list(sys.argv), started=utc_now())
+    report = RunReport(out=out, command=command or list(sys.argv), started=utc_now(), min_agreement=min_agreement)
     if stages.generator is not None:
         report.generation = f"{model} on {resolved}"
         if stages.generator.model.metadata.get("trained") is False:
@@ -147,15 +147,10 @@ def load_check(
     min_agreement: float | None,
     min_confidence: float,
 ) -> Any:
-    from cellbatch.check.agreement import AgreementCheck, CheckSettings
+    from cellbatch.check.agreement import AgreementCheck, CheckSettings, load_classifier
     from cellbatch.check.reference import ReferenceSource
-    from cellbatch.modelfile import load_model
 
-    clf = load_model(classifier, kind="classifier", device=settings.device)
-    if classes:
-        clf.metadata["classes"] = list(classes)
-    if not clf.metadata.get("classes"):
-        raise ConfigError(f"classifier {classifier} names no classes: pass --classes a,b,c")
+    clf = load_classifier(classifier, classes=classes, device=settings.device)
     ref = None
     if reference is not None:
         if not Path(reference).exists():

@@ -93,6 +93,7 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     generation: str = "skipped (no --model)"
     finished: str | None = None
+    min_agreement: float | None = None
     _saved_at: float = field(default=0.0, repr=False)
 
     @property
@@ -122,7 +123,17 @@ class RunReport:
             "notes": self.notes,
             "slides": [asdict(s) for s in self.slides],
             "failures": self.failures,
+            "check": self.check_summary(),
         }
+
+    def check_summary(self) -> dict[str, Any] | None:
+        """Run-level agreement over the checked slides (``None`` without ``--classifier``)."""
+        checked = {s.name: s.check for s in self.slides if s.check}
+        if not checked:
+            return None
+        from cellbatch.check.agreement import summarise_run
+
+        return summarise_run(checked, min_agreement=self.min_agreement)
 
     def save(self, *, every: float = 0.0) -> None:
         """Write ``run.json``; with ``every``, only if the last write is that many seconds old.

@@ -237,3 +237,29 @@ def test_run_on_cuda_matches_the_cpu_run(tmp_path, cellbatch):
     assert np.array_equal(groups[0]["generated"][:], groups[1]["generated"][:])
     prov = json.loads((tmp_path / "cuda" / "s" / "provenance.json").read_text())
     assert prov["environment"]["device"] == "cuda" and prov["environment"]["device_name"] != "cpu"
+
+
+def test_agreement_check_in_the_run_and_its_qc_gate(tmp_path, cellbatch):
+    from tests.models import SwapRedBlue
+    from tests.test_check_agreement import save_classifier
+
+    write_slides(tmp_path / "in", slides={"s": 3})
+    clf = save_classifier(tmp_path / "clf.pt")
+    identity = save_generator(Identity(), tmp_path / "id.pt")
+    code, out, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "same", "--model", identity,
+                               "--classifier", clf, "--min-agreement", "0.9", "--json", *TOY)
+    summary = json.loads(out)
+    assert code == 0, err
+    assert summary["slides"][0]["check"]["agreement"] == 1.0 and summary["check"]["agreement"] == 1.0
+    rows = read_cells(tmp_path / "same" / "s")
+    assert {r["agree"] for r in rows} == {"1"} and (tmp_path / "same" / "s" / "confusion.png").is_file()
+
+    swap = save_generator(SwapRedBlue(), tmp_path / "swap.pt")
+    code, out, _ = cellbatch("run", tmp_path / "in", "-o", tmp_path / "swapped", "--model", swap,
+                             "--classifier", clf, "--min-agreement", "0.9", "--json", *TOY)
+    summary = json.loads(out)
+    assert code == ExitCode.QC_FAILED
+    assert summary["slides"][0]["status"] == "qc_failed" and summary["slides"][0]["check"]["agreement"] < 0.9
+    assert (tmp_path / "swapped" / "s" / "cells.zarr").is_dir()  # output kept
+    prov = json.loads((tmp_path / "swapped" / "s" / "provenance.json").read_text())
+    assert prov["check"]["qc_failed"] is True and prov["classifier"]["sha256"]

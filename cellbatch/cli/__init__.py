@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="cellbatch", standalone_mode=False)
+        # Without standalone mode click returns a command's ctx.exit() code instead of exiting.
+        code = cli.main(args=args, prog_name="cellbatch", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("cellbatch: interrupted", err=True)
         sys.exit(130)
@@ -77,4 +78,4 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("cellbatch: interrupted", err=True)
         sys.exit(130)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
