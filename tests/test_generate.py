@@ -4,7 +4,7 @@ import torch
 
 from cellbatch.errors import InputNotFoundError, ModelError
 from cellbatch.generate import Generator, from_range, to_range
-from tests.models import HalvesSize, Identity, Negate, NeedsTileMultiple, ReturnsNaN, save_generator
+from tests.models import HalvesSize, Identity, NeedsTileMultiple, Negate, ReturnsNaN, save_generator
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ slide again but do not tag the images, so pairing works in three steps:
 The source crop is cut exactly as a conversion run cuts it (an integer 256x256 window centred on the
 detected cell, no resampling), because it is what the generator sees at inference; the target is
 warped into that frame, so only the training target is interpolated. Both sides pad past their capture
-borders the same way (background colour by default, as `cellbatch run` pads); ``overlap`` says how much of a pair is real pixels on
-both sides.
+borders the same way (background colour by default, as `cellbatch run` pads); ``overlap`` says how
+much of a pair is real pixels on both sides.
 """
 
 from __future__ import annotations
