@@ -11,15 +11,18 @@ Steps, at the working scale (distances in cell diameters ``D``):
 1. **Stain maps.** ``purple = B - G`` and ``dark = 1 - mean(R, G, B)`` of the white-balanced image.
 2. **Nucleus density.** The nucleus mask (``purple > NUCLEUS_PURPLE``) blurred with a Gaussian of
    ``0.2 D``: the lobes of one neutrophil melt into one hill, two cells keep two hills.
-3. **Seeds.** Local maxima of the density. A weaker maximum joins a stronger one nearer than
-   ``0.55 D``, or one it reaches without a density valley within ``0.8 D``: the lobes of a
-   multilobed nucleus are ONE cell.
-4. **Acceptance.** Each seed owns the pixels within reach that are nearer to it than to any other
-   seed, so touching cells are split between their nuclei. Seeds with less nucleus than a
-   platelet-sized floor are dropped first (their lobe then counts towards its neighbour). A seed is a
-   white cell when its nucleus is large (above any giant platelet), or mid-sized and either dense
-   (erythroblasts and small lymphocytes have chromatin darker than a platelet's granulomere) or vivid
-   blue-violet (pale Wright stains). Each kept seed then moves to the middle of the nucleus it owns.
+3. **Seeds.** Local maxima of the density (a flat top counts once). A weaker maximum joins a
+   stronger one nearer than ``0.55 D``, or one within ``0.8 D`` that it reaches without a density
+   valley while the two blobs span at most ``1.5 D``: the lobes of a multilobed nucleus are ONE cell,
+   two touching cells stay two.
+4. **Acceptance.** Each seed owns the pixels within ``0.85 D`` that are nearer to it than to any
+   other seed, so touching cells are split between their nuclei. Seeds with less nucleus than a
+   platelet-sized floor are dropped first (a detached lobe then counts towards its own cell). A seed
+   is a white cell when its nucleus is large (above any giant platelet); a mid-sized one is a
+   platelet when it has the granulomere's colour (``purple / dark`` in a band below pale Wright
+   nuclei and above MGG chromatin) and no cell body around it, unless it has both dense chromatin
+   and a small body (erythroblasts, small lymphocytes). Each kept seed then moves to the middle of
+   the nucleus it owns.
 5. **Segmentation.** Nucleus pixels are nucleus-coloured and absorb red light nearly as much as their
    nucleus does (chromatin absorbs red, eosin hardly: this keeps eosinophil granules out); specks
    smaller than ``0.01 D^2`` are dropped. The cell is a circle fitted to where 32 rays from the
