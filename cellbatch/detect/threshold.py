@@ -37,10 +37,12 @@ cells absorb most.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import cv2
 import numpy as np
 
-from cellbatch.detect.base import BACKGROUND, CYTOPLASM, NUCLEUS, RED_CELL, Cell, Detection, DetectSettings
+from cellbatch.detect.base import CYTOPLASM, NUCLEUS, RED_CELL, Cell, Detection, DetectSettings
 
 #: Cell diameter, in pixels, at the working scale. About 28 px resolves a nucleus and its lobes;
 #: more only costs time.
@@ -133,13 +135,13 @@ class ThresholdDetector:
         white = _background_colour(small)
         balanced = small.astype(np.float32) * (1.0 / white)
         purple = balanced[..., 2] - balanced[..., 1]
-        dark = 1.0 - balanced.mean(axis=2)
+        dark = 1.0 - (balanced[..., 0] + balanced[..., 1] + balanced[..., 2]) * (1.0 / 3.0)
         maps = _Maps(nucleus=purple > NUCLEUS_PURPLE, stained=dark > STAINED_DARK, dark=dark, purple=purple)
 
         density = cv2.GaussianBlur(maps.nucleus.astype(np.float32), (0, 0), DENSITY_SIGMA * d)
         seeds = _accepted_seeds(_seeds(density, d), maps, d)
 
-        cell_classes = np.full((sh, sw), BACKGROUND, np.uint8)
+        labels = _red_cell_labels(image, white)
         cells: list[Cell] = []
         for i in range(len(seeds)):
             win, mine = _territory(seeds, i, (sh, sw), CELL_REACH * d)
@@ -147,26 +149,12 @@ class ThresholdDetector:
             if not nuc.any():
                 continue
             red_absorbed = 1.0 - balanced[..., 0][win]
-            nuc &= red_absorbed >= NUCLEUS_RELATIVE_RED * float(np.percentile(red_absorbed[nuc], 75))
-            nuc = _without_specks(nuc, d)
+            red_floor = NUCLEUS_RELATIVE_RED * float(np.percentile(red_absorbed[nuc], 75))
+            nuc = _without_specks(nuc & (red_absorbed >= red_floor), d)
             if not nuc.any():
                 continue
-            region = _cell_body(nuc, mine & maps.stained[win], CELL_REACH * d, d) | nuc
-            view = cell_classes[win]
-            view[region] = CYTOPLASM
-            view[nuc] = NUCLEUS
-            ys, xs = np.nonzero(region)
-            ys, xs = ys + win[0].start, xs + win[1].start
-            cells.append(
-                Cell(
-                    cx=float((xs.mean() + 0.5) * k - 0.5),
-                    cy=float((ys.mean() + 0.5) * k - 0.5),
-                    area_px=int(len(xs) * k * k),
-                    nucleus_area_px=int(np.count_nonzero(nuc) * k * k),
-                    edge=bool(ys.min() == 0 or xs.min() == 0 or ys.max() == sh - 1 or xs.max() == sw - 1),
-                )
-            )
-        labels = _full_resolution_labels(image, cell_classes, k, white)
+            centre, radius = _cell_circle(nuc, mine & maps.stained[win], CELL_REACH * d, d)
+            cells.append(_paint_cell(labels, image, white, _Outline(win, mine, nuc, centre, radius, red_floor), k))
         cells.sort(key=lambda c: (c.cy, c.cx))  # reading order: the same image gives the same cell ids
         return Detection(cells=tuple(cells), labels=labels)
 
@@ -301,7 +289,14 @@ def _without_specks(nuc: np.ndarray, d: float) -> np.ndarray:
 
 
 def _cell_body(nuc: np.ndarray, stained: np.ndarray, reach: float, d: float) -> np.ndarray:
-    """The stained disc around a nucleus: a circle fitted to where rays from the nucleus leave the cell.
+    """The stained part of the cell's circle (see :func:`_cell_circle`), at the working scale."""
+    (cx, cy), radius = _cell_circle(nuc, stained, reach, d)
+    yy, xx = np.ogrid[0 : nuc.shape[0], 0 : nuc.shape[1]]
+    return ((xx - cx) ** 2 + (yy - cy) ** 2 <= (radius * CIRCLE_MARGIN) ** 2) & stained
+
+
+def _cell_circle(nuc: np.ndarray, stained: np.ndarray, reach: float, d: float) -> tuple[tuple[float, float], float]:
+    """Centre and radius of a circle fitted to where rays from the nucleus leave the stained cell.
 
     Rays that run on into a neighbouring red cell (too long) or off the window (the capture border or
     the territory's edge) are outliers; the circle through the rest finds the cell whatever the
@@ -332,21 +327,88 @@ def _cell_body(nuc: np.ndarray, stained: np.ndarray, reach: float, d: float) -> 
         fr = float(np.sqrt(max(float(sol[2]) + fx * fx + fy * fy, 0.0)))
         if np.hypot(fx - cx, fy - cy) <= reach and MIN_RADIUS * d <= fr <= reach:
             centre, radius = (fx, fy), fr
-    yy, xx = np.ogrid[0:h, 0:w]
-    disc = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 <= (radius * CIRCLE_MARGIN) ** 2
-    return disc & stained
+    return centre, radius
 
 
-def _full_resolution_labels(image: np.ndarray, cell_classes: np.ndarray, k: int, white: np.ndarray) -> np.ndarray:
-    """Upsample the white-cell classes; decide background vs red cell per full-resolution pixel."""
-    h, w = image.shape[:2]
-    labels = cv2.resize(
-        cell_classes, (cell_classes.shape[1] * k, cell_classes.shape[0] * k), interpolation=cv2.INTER_NEAREST
-    )
-    if labels.shape != (h, w):  # the rows and columns the integer factor left over
-        labels = cv2.copyMakeBorder(labels, 0, h - labels.shape[0], 0, w - labels.shape[1], cv2.BORDER_REPLICATE)
-    green = cv2.extractChannel(image, 1)
+def _red_cell_labels(image: np.ndarray, white: np.ndarray) -> np.ndarray:
+    """Full-resolution ``RED_CELL`` / ``BACKGROUND`` from the green channel, the one red cells absorb most."""
     limit = float(white[1]) * (1.0 - STAINED_DARK)
-    # RED_CELL is 1 and the white-cell classes are larger, so a maximum lays cells over red cells.
-    _, red = cv2.threshold(green, limit, RED_CELL, cv2.THRESH_BINARY_INV)
-    return cv2.max(labels, red)
+    _, labels = cv2.threshold(cv2.extractChannel(image, 1), limit, RED_CELL, cv2.THRESH_BINARY_INV)
+    return labels
+
+
+class _Outline(NamedTuple):
+    """One white cell as found at the working scale (window coordinates)."""
+
+    win: tuple[slice, slice]
+    territory: np.ndarray
+    nucleus: np.ndarray
+    centre: tuple[float, float]
+    radius: float
+    red_floor: float  # red absorbance a nucleus pixel reaches
+
+
+def _tight(cell: _Outline) -> _Outline:
+    """The same cell in the smallest window that holds its circle and nucleus (fewer pixels to paint)."""
+    ys, xs = np.nonzero(cell.nucleus)
+    r = cell.radius * CIRCLE_MARGIN + 1.0
+    h, w = cell.nucleus.shape
+    top = max(0, min(int(ys.min()), int(cell.centre[1] - r)))
+    left = max(0, min(int(xs.min()), int(cell.centre[0] - r)))
+    bottom = min(h, max(int(ys.max()) + 1, int(np.ceil(cell.centre[1] + r)) + 1))
+    right = min(w, max(int(xs.max()) + 1, int(np.ceil(cell.centre[0] + r)) + 1))
+    rows, cols = slice(top, bottom), slice(left, right)
+    win = (
+        slice(cell.win[0].start + top, cell.win[0].start + bottom),
+        slice(cell.win[1].start + left, cell.win[1].start + right),
+    )
+    centre = (cell.centre[0] - left, cell.centre[1] - top)
+    return cell._replace(win=win, territory=cell.territory[rows, cols], nucleus=cell.nucleus[rows, cols], centre=centre)
+
+
+def _paint_cell(labels: np.ndarray, image: np.ndarray, white: np.ndarray, cell: _Outline, k: int) -> Cell:
+    """Draw one cell into the full-resolution labels and measure it there.
+
+    The nucleus is re-thresholded per pixel near the working-scale nucleus; the cytoplasm is the
+    stained part of the fitted circle, drawn at full resolution: outlines come out smooth, not in
+    k x k blocks, for a few hundred thousand pixel operations per cell.
+    """
+    cell = _tight(cell)
+    h, w = labels.shape
+    y0, x0 = cell.win[0].start * k, cell.win[1].start * k
+    y1 = h if cell.win[0].stop * k >= (h // k) * k else cell.win[0].stop * k
+    x1 = w if cell.win[1].stop * k >= (w // k) * k else cell.win[1].stop * k
+
+    def upsample(mask: np.ndarray) -> np.ndarray:
+        up = cv2.resize(mask.view(np.uint8), (mask.shape[1] * k, mask.shape[0] * k), interpolation=cv2.INTER_NEAREST)
+        up = cv2.copyMakeBorder(
+            up, 0, max(0, y1 - y0 - up.shape[0]), 0, max(0, x1 - x0 - up.shape[1]), cv2.BORDER_REPLICATE
+        )
+        return up[: y1 - y0, : x1 - x0].view(bool)
+
+    territory = upsample(cell.territory)
+    nucleus = upsample(cv2.dilate(cell.nucleus.view(np.uint8), np.ones((3, 3), np.uint8))) & territory
+    # Re-threshold per pixel only where the working-scale nucleus (grown by one working pixel) lies.
+    ys, xs = np.nonzero(nucleus.any(axis=1))[0], np.nonzero(nucleus.any(axis=0))[0]
+    box = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+    balanced = image[y0:y1, x0:x1][box].astype(np.float32) * (1.0 / white)
+    nucleus[box] &= (balanced[..., 2] - balanced[..., 1] > NUCLEUS_PURPLE) & (1.0 - balanced[..., 0] >= cell.red_floor)
+    if not nucleus.any():
+        nucleus = upsample(cell.nucleus) & territory
+    view = labels[y0:y1, x0:x1]
+    cx = (cell.centre[0] + cell.win[1].start + 0.5) * k - 0.5 - x0
+    cy = (cell.centre[1] + cell.win[0].start + 0.5) * k - 0.5 - y0
+    yy, xx = np.ogrid[0 : y1 - y0, 0 : x1 - x0]
+    disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= (cell.radius * CIRCLE_MARGIN * k) ** 2
+    region = (disc & territory & (view == RED_CELL)) | nucleus
+    view[region] = CYTOPLASM
+    view[nucleus] = NUCLEUS
+    ys, xs = np.nonzero(region)
+    ys, xs = ys + y0, xs + x0
+    return Cell(
+        cx=float(xs.mean()),
+        cy=float(ys.mean()),
+        area_px=len(xs),
+        nucleus_area_px=int(np.count_nonzero(nucleus)),
+        edge=bool(ys.min() == 0 or xs.min() == 0 or ys.max() == h - 1 or xs.max() == w - 1),
+    )
