@@ -28,11 +28,12 @@ def eval_() -> None:
 @click.option("--verbose", "-v", is_flag=True, help="List the missed boxes and false detections of each image.")
 @json_option
 def detect(src: Path, boxes: Path, cell_diameter: float, detector: str, verbose: bool, as_json: bool) -> None:
-    """Run the detector on the captures in SRC (a folder, searched recursively, or one file) and score it.
+    """Score the detector on SRC against --boxes: recall and precision.
 
-    A detection is a hit when its centroid falls inside a box no other detection has claimed (one to
-    one). Recall is hits over boxes, precision hits over detections. Images that the boxes do not name
-    hold no white cell: every detection there is false.
+    SRC is a folder of captures (searched recursively) or one capture file. A detection is a hit when
+    its centroid falls inside a box no other detection has claimed (one to one). Recall is hits over
+    boxes, precision hits over detections. Images that the boxes do not name hold no white cell:
+    every detection there is false.
     """
     from cellbatch.detect.base import DetectSettings
     from cellbatch.errors import InputNotFoundError
