@@ -296,3 +296,12 @@ def test_registry_name_threshold_builds_this_detector() -> None:
 def test_non_rgb_input_is_refused() -> None:
     with pytest.raises(ValueError, match="uint8 RGB"):
         detect(np.zeros((100, 100), np.uint8))
+
+
+def test_cell_in_the_leftover_corner_of_an_odd_capture_reaches_the_border() -> None:
+    """483 x 643 is not a multiple of the working factor (4): the last rows and columns still get labels."""
+    image = blank(shape=(483, 643))
+    lymphocyte(image, 630, 470)
+    detection = detect(image)
+    assert len(detection.cells) == 1 and detection.cells[0].edge
+    assert detection.labels[482, 642] == NUCLEUS
