@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,14 +208,6 @@ def _load_voc_folder(folder: Path) -> dict[str, list[Box]]:
 def boxes_for(image: Path, boxes: dict[str, list[Box]]) -> list[Box]:
     """The boxes of one image file: looked up by file name, then by stem (VOC); none when absent."""
     return boxes.get(image.name, boxes.get(image.stem, []))
-
-
-def score_images(matches: Iterable[ImageMatch]) -> Score:
-    """Sum per-image matches into one :class:`Score`."""
-    score = Score()
-    for m in matches:
-        score.add(m)
-    return score
 
 
 def evaluate_detector(
