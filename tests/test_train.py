@@ -213,3 +213,54 @@ def test_pairs_from_synth_writes_aligned_crops(tmp_path: Path) -> None:
     gray_tgt = pairs.target.astype(float).mean(-1)
     assert np.corrcoef(gray_src.ravel(), gray_tgt.ravel())[0, 1] > 0.8
     assert image_metrics(pairs.source, pairs.target)["delta_e"] > 2
+
+
+class _RedOrBlue(torch.nn.Module):
+    """A two-class 'classifier': is the image redder or bluer on average."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[:, 0].mean((1, 2)), x[:, 2].mean((1, 2))], dim=1)
+
+
+def test_classifier_adds_agreement_to_validation(pairs: Path, tmp_path: Path) -> None:
+    from cellbatch.modelfile import save_model
+
+    clf = save_model(
+        torch.jit.trace(_RedOrBlue(), torch.zeros(1, 3, 128, 128)),
+        tmp_path / "clf.pt",
+        {"kind": "classifier", "classes": ["red", "blue"], "input_range": [0, 1]},
+    )
+    result = train(
+        _settings(pairs, "l1net", classifier=str(clf)), tmp_path / "run", device="cpu", progress=False
+    )
+    assert 0 <= result.validation["agreement"] <= 1
+    assert 0 <= result.baseline["agreement"] <= 1
+    with open(tmp_path / "run" / "metrics.csv") as fh:
+        assert "val_agreement" in next(csv.DictReader(fh))
+
+
+def test_ccgan_draws_cycle_images_from_unpaired_folders(pairs: Path, tmp_path: Path) -> None:
+    extra = _write_pairs(tmp_path / "extra", count=2, size=160, seed=5)
+    settings = _settings(
+        pairs,
+        "ccgan",
+        unpaired_source=str(extra / "source"),
+        unpaired_target=str(extra / "target"),
+        bf16=True,
+    )
+    result = train(settings, tmp_path / "run", device="cpu", progress=False)
+    assert result.step == 2
+    stored = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert stored["unpaired_source"] == str(extra / "source") and stored["bf16"] is True
+
+
+def test_unpaired_images_smaller_than_the_crop_are_refused(pairs: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    iio.imwrite(small / "a.png", np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(InputFormatError, match="smaller than"):
+        train(
+            _settings(pairs, "ccgan", unpaired_source=str(small), unpaired_target=str(small)),
+            tmp_path / "run",
+            device="cpu",
+        )
