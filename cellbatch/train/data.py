@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from cellbatch.errors import InputFormatError, InputNotFoundError
-from cellbatch.read import read_image
+from cellbatch.read import iter_image_files, read_image
 
 # Shared gain and offset for intensity augmentation: a brighter or dimmer lamp, a denser or paler
 # stain. Source and target get the same change, so the mapping to learn stays the same.
@@ -43,7 +44,7 @@ class AugmentSettings:
     crop: int | None = None
 
 
-def _read_folder(folder: Path, names: list[str], digest: hashlib._Hash) -> np.ndarray:
+def _read_folder(folder: Path, names: list[str], digest: Any) -> np.ndarray:
     images = []
     for name in names:
         path = folder / f"{name}.png"
@@ -85,8 +86,6 @@ def read_pairs(pairs: str | Path) -> PairSet:
 
 def read_unpaired(folder: str | Path, *, min_size: int) -> list[np.ndarray]:
     """Every image in ``folder`` as (Y, X, 3) uint8; each must be at least ``min_size`` on both sides."""
-    from cellbatch.read import iter_image_files
-
     folder = Path(folder)
     if not folder.is_dir():
         raise InputNotFoundError(f"unpaired folder {folder} does not exist")

@@ -211,9 +211,11 @@ class _Sampler:
                 # Without unpaired folders, the pairs drawn independently serve as unpaired images.
                 (x,) = augment([self.pairs.source[self._indices(rng)]], rng=rng, settings=self.crop_aug)
                 (y,) = augment([self.pairs.target[self._indices(rng)]], rng=rng, settings=self.crop_aug)
-        move = (lambda t: t.to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
         return Batch(
-            x_p=move(x_p), y_p=move(y_p), x=None if x is None else move(x), y=None if y is None else move(y)
+            x_p=x_p.to(device),
+            y_p=y_p.to(device),
+            x=None if x is None else x.to(device),
+            y=None if y is None else y.to(device),
         )
 
 
