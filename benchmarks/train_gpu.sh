@@ -7,10 +7,13 @@
 #
 # Environment: OUT (results folder, default ./train-gpu-out), VGG16 (a torchvision vgg16 state dict;
 # without it pcNET runs with --vgg-random and the feature term measures nothing perceptual),
-# TRAIN_SECONDS (wall limit of the training, default 200), COUNT (synthetic captures, default 600),
+# TRAIN_SECONDS (wall limit of the training, default 200; ~60 s more go to making pairs, startup and export), COUNT (synthetic captures, default 600),
 # BASE (generator width, default 32: ~16 M parameters), BATCH (default 8), STEPS (default 20000: the
 # time limit normally ends the run first; the newest checkpoint is exported).
 set -euo pipefail
+# Runs from a source tree too (a bare GPU machine with torch but without `pip install -e .`).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+cb() { python -m cellbatch "$@"; }
 OUT=${OUT:-train-gpu-out}
 mkdir -p "$OUT"
 if [[ "${DRY:-0}" == 1 ]]; then
@@ -35,10 +38,10 @@ fi
 echo "pairs: $(ls "$OUT/pairs/source" | wc -l) in $(( $(date +%s) - start )) s"
 
 # The time limit ends training between checkpoints; --resume would continue it, export takes the newest.
-timeout --signal=INT "$TRAIN_SECONDS" cellbatch train --setup pcnet --pairs "$OUT/pairs" --out "$OUT/run-pcnet" \
+timeout --signal=INT "$TRAIN_SECONDS" python -m cellbatch train --setup pcnet --pairs "$OUT/pairs" --out "$OUT/run-pcnet" \
     --base-filters "$BASE" --batch-size "$BATCH" --steps "$STEPS" --checkpoint-every "$EVERY" \
     "${vgg[@]}" "${extra[@]}" -q || echo "training stopped by the ${TRAIN_SECONDS} s limit (rc $?)"
-cellbatch model export "$OUT/run-pcnet" --out "$OUT/pcnet.pt"
+cb model export "$OUT/run-pcnet" --out "$OUT/pcnet.pt"
 
 python - "$OUT" <<'PY'
 import csv, json, sys
