@@ -83,7 +83,7 @@ def test_directory_and_zarr_inputs_give_the_same_cells(tmp_path, cellbatch):
 def test_provenance_hashes_match_the_files(tmp_path, cellbatch):
     paths = write_slides(tmp_path / "in", slides={"s": 2})
     model = save_generator(Identity(), tmp_path / "id.pt")
-    assert cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--model", model, *TOY)[0] == 0
+    assert cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--model", model, "--device", "cpu", *TOY)[0] == 0
     prov = json.loads((tmp_path / "out" / "s" / "provenance.json").read_text())
     assert prov["model"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
     by_path = {i["path"]: i for i in prov["inputs"]}
