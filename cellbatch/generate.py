@@ -44,18 +44,25 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
-def to_range(crops: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) linearly mapped from [0, 255] to ``value_range``."""
+def to_range(crops: Any, value_range: tuple[float, float]) -> Any:
+    """uint8 tensor (N, H, W, 3) -> float32 (N, 3, H, W) linearly mapped from [0, 255] to ``value_range``.
+
+    Done on the model's device: moving uint8 there and converting in place costs a quarter of the
+    transfer and none of the CPU time that a float conversion on the host would.
+    """
+    import torch
+
     lo, hi = value_range
-    x = crops.astype(np.float32).transpose(0, 3, 1, 2)
-    return x * np.float32((hi - lo) / 255.0) + np.float32(lo)
+    return crops.permute(0, 3, 1, 2).to(torch.float32) * ((hi - lo) / 255.0) + lo
 
 
-def from_range(x: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
-    """float (N, 3, H, W) in ``value_range`` -> uint8 (N, H, W, 3), rounded and clipped."""
+def from_range(x: Any, value_range: tuple[float, float]) -> Any:
+    """float tensor (N, 3, H, W) in ``value_range`` -> uint8 (N, H, W, 3), rounded (half to even) and clipped."""
+    import torch
+
     lo, hi = value_range
-    y = (x - np.float32(lo)) * np.float32(255.0 / (hi - lo))
-    return np.clip(np.rint(y), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    y = (x.to(torch.float32) - lo) * (255.0 / (hi - lo))
+    return y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 class Generator:
@@ -77,7 +84,7 @@ class Generator:
         import torch
 
         n, h, w, _ = crops.shape
-        x = torch.from_numpy(to_range(crops, self.input_range)).to(self.device)
+        x = to_range(torch.from_numpy(np.ascontiguousarray(crops)).to(self.device), self.input_range)
         pad_h, pad_w = -h % self.tile_multiple, -w % self.tile_multiple
         if pad_h or pad_w:
             x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
@@ -90,8 +97,7 @@ class Generator:
                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                 ) from exc
         check_output(y, tuple(x.shape), self.model.path)
-        y = y[:, :, :h, :w].float().cpu().numpy()
-        return from_range(y, self.output_range)
+        return from_range(y[:, :, :h, :w], self.output_range).cpu().numpy()
 
     def provenance(self) -> dict[str, Any]:
         return self.model.provenance()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import queue
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,12 @@ class SlideWriter:
         }
         self._pending: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
         self._pending_count = 0
+        # Compressing and writing chunks runs in its own thread, overlapping the next batch's
+        # inference; the bounded queue keeps memory flat when the disk is the slower side.
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name=f"write {final_dir.name}", daemon=True)
+        self._thread.start()
 
     @property
     def folder(self) -> Path:
@@ -99,7 +107,31 @@ class SlideWriter:
         return self.staging
 
     def add(self, rows: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> None:
-        """Append cells: ``rows`` get consecutive ``cell_id`` values; ``arrays`` hold one row per cell."""
+        """Append cells: ``rows`` get consecutive ``cell_id`` values; ``arrays`` hold one row per cell.
+
+        The write happens in the background; an error it meets is raised here or by :meth:`commit`.
+        """
+        self._raise_pending_error()
+        self._queue.put((rows, arrays))
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write(*item)
+                except BaseException as exc:  # handed to the caller's thread by _raise_pending_error
+                    self._error = exc
+
+    def _raise_pending_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _finish_thread(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _write(self, rows: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> None:
         for row in rows:
             row["cell_id"] = self.count
             self.count += 1
@@ -126,6 +158,8 @@ class SlideWriter:
 
     def commit(self, provenance: dict[str, Any]) -> Path:
         """Finish the files and move the slide folder into place (replacing an older result)."""
+        self._finish_thread()
+        self._raise_pending_error()
         self._flush(final=True)
         self._csv_file.flush()
         os.fsync(self._csv_file.fileno())
@@ -144,6 +178,7 @@ class SlideWriter:
 
     def abort(self) -> None:
         """Drop the staging folder (the slide failed); an existing older result is left alone."""
+        self._finish_thread()
         if not self._csv_file.closed:
             self._csv_file.close()
         shutil.rmtree(self.staging, ignore_errors=True)

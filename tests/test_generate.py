@@ -18,9 +18,10 @@ def test_negating_generator_gives_255_minus_crop(tmp_path, crops):
 
 
 def test_range_round_trip_is_exact():
-    x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
-    assert np.array_equal(from_range(to_range(x, (-1, 1)), (-1, 1)), x)
-    assert np.array_equal(from_range(to_range(x, (0, 1)), (0, 1)), x)
+    x = torch.from_numpy(np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3))
+    assert torch.equal(from_range(to_range(x, (-1, 1)), (-1, 1)), x)
+    assert torch.equal(from_range(to_range(x, (0, 1)), (0, 1)), x)
+    assert to_range(x, (-1, 1)).shape == (1, 3, 16, 16)
 
 
 def test_crops_are_padded_to_the_tile_multiple_and_cropped_back(tmp_path):

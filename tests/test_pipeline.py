@@ -165,7 +165,7 @@ def test_full_disk_stops_the_run_with_one_line(tmp_path, cellbatch, monkeypatch)
     def disk_full(self, rows, arrays):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(SlideWriter, "add", disk_full)
+    monkeypatch.setattr(SlideWriter, "_write", disk_full)
     code, _, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", *TOY)
     assert code == ExitCode.COULD_NOT_RUN
     assert "no space left" in err and err.strip().count("\n") == 0

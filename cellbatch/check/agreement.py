@@ -127,7 +127,8 @@ def classify(
     probabilities = np.empty((len(crops), len(classes)), np.float32)
     with torch.inference_mode():
         for start in range(0, len(crops), batch_size):
-            x = torch.from_numpy(to_range(crops[start : start + batch_size], value_range)).to(device)
+            batch = np.ascontiguousarray(crops[start : start + batch_size])
+            x = to_range(torch.from_numpy(batch).to(device), value_range)
             logits = classifier.module(x)
             n = x.shape[0]
             if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (n, len(classes)):
