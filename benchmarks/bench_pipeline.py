@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 
 
-def bench_extract(slide_dir: Path, *, workers: int | None, chunk: int) -> tuple[float, np.ndarray, int]:
+def bench_extract(slide_dir: Path, *, workers: int | None, processes: int, chunk: int) -> tuple[float, np.ndarray, int]:
     from cellbatch.api import dask_client
     from cellbatch.extract import CaptureRef, ExtractSettings, extract_chunk
     from cellbatch.read import discover_slides
 
     slide = discover_slides(slide_dir)[0]
     refs = [CaptureRef(source=p.name, frame=0, path=str(p)) for p in slide.captures]
-    with dask_client(None, workers) as client:
+    with dask_client(None, workers, processes=processes) as client:
         client.submit(extract_chunk, slide, refs[:1], ExtractSettings(), pure=False).result()  # warm up
         start = time.perf_counter()
         futures = [client.submit(extract_chunk, slide, refs[i : i + chunk], ExtractSettings(), pure=False)
@@ -51,12 +51,14 @@ def bench_generator(model: Path, crops: np.ndarray, *, device: str, batch_size: 
     return time.perf_counter() - start
 
 
-def bench_run(slide_dir: Path, out: Path, model: Path, *, device: str, batch_size: int, workers: int | None) -> float:
+def bench_run(
+    slide_dir: Path, out: Path, model: Path, *, device: str, batch_size: int, workers: int | None, processes: int
+) -> float:
     from cellbatch.api import convert
 
     start = time.perf_counter()
     report = convert([slide_dir], out, model=model, device=device, batch_size=batch_size, workers=workers,
-                     force=True, command=["bench_pipeline"])
+                     processes=processes, force=True, command=["bench_pipeline"])
     seconds = time.perf_counter() - start
     if report.exit_code != 0:
         raise SystemExit(f"the benchmark run failed: {report.to_dict()['failures'][:3]}")
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--base-filters", type=int, default=16, help="generator width (thesis: 64)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=None, help="threads for the CPU stage (default: all cores)")
+    parser.add_argument("--processes", type=int, default=0, help="worker processes for the CPU stage instead")
     parser.add_argument("--devices", default=None, help="comma list; default cpu, plus cuda when present")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -86,12 +89,13 @@ def main() -> None:
         slide_dir = tmp_path / "synth" / "dm1200"
         net = untrained_generator(base_filters=args.base_filters, seed=0)
         model = export_generator(net, tmp_path / "model.pt", metadata=generator_metadata(net, trained=False))
-        extract_s, crops, n_captures = bench_extract(slide_dir, workers=args.workers, chunk=4)
+        extract_s, crops, n_captures = bench_extract(slide_dir, workers=args.workers, processes=args.processes,
+                                                     chunk=4)
         n_cells = len(crops)
         for device in devices:
             generate_s = bench_generator(model, crops, device=device, batch_size=args.batch_size)
             run_s = bench_run(slide_dir, tmp_path / f"out-{device}", model, device=device,
-                              batch_size=args.batch_size, workers=args.workers)
+                              batch_size=args.batch_size, workers=args.workers, processes=args.processes)
             rates = {
                 "extract": (n_captures / extract_s, n_cells / extract_s),
                 "generate": (n_captures / generate_s, n_cells / generate_s),

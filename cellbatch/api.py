@@ -42,6 +42,7 @@ def convert(
     min_confidence: float = 0.0,
     scheduler: str | None = None,
     workers: int | None = None,
+    processes: int = 0,
     force: bool = False,
     command: list[str] | None = None,
     on_progress: Callable[[int, int, int], None] = lambda captures, cells, slides: None,
@@ -69,7 +70,7 @@ def convert(
     settings = RunSettings(
         extract=ExtractSettings(detector=detector, cell_diameter=cell_diameter, drop_edge=drop_edge),
         batch_size=batch_size, device=resolved, normalise=tuple(s for s in normalise if s != "none"),
-        force=force, scheduler=scheduler, workers=workers,
+        force=force, scheduler=scheduler, workers=workers, processes=processes,
     )
     stages = load_stages(settings, model=model, model_sha256=model_sha256, classifier=classifier, classes=classes,
                          reference=reference, min_agreement=min_agreement, min_confidence=min_confidence)
@@ -81,7 +82,7 @@ def convert(
             report.notes.append(f"model {model} is UNTRAINED (exported with --untrained): "
                                 "its output is not a conversion")
             on_warning(report.notes[-1])
-    with RunLock(out), dask_client(scheduler, workers) as client:
+    with RunLock(out), dask_client(scheduler, workers, processes=processes) as client:
         if scheduler and stages.generator is not None:
             use_gpu_workers(stages, client, device=device, report=report)
         clear_staging(out)
@@ -167,8 +168,14 @@ def load_check(
 
 
 @contextmanager
-def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
-    """A Dask client: the given cluster, or an in-process one (threads, no services to start)."""
+def dask_client(scheduler: str | None, workers: int | None, *, processes: int = 0) -> Iterator[Any]:
+    """A Dask client: the given cluster, or a local one.
+
+    Locally, read/detect/crop run in ``workers`` threads of this process (no services to start);
+    with ``processes`` > 0 they run in that many single-threaded worker processes instead, which
+    scales past Python's GIL on many-core machines (a detector must then be importable there: a
+    built-in or an entry-point plugin, not one registered at run time).
+    """
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -183,7 +190,11 @@ def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
         finally:
             client.close()
         return
-    threads = workers or len(os.sched_getaffinity(0))
-    with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None,
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    if processes:
+        cluster_args = {"n_workers": processes, "threads_per_worker": 1, "processes": True}
+    else:
+        cluster_args = {"n_workers": 1, "threads_per_worker": workers or len(os.sched_getaffinity(0)),
+                        "processes": False}
+    with LocalCluster(**cluster_args, dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
         yield client

@@ -44,6 +44,7 @@ class RunSettings:
     force: bool = False
     scheduler: str | None = None
     workers: int | None = None
+    processes: int = 0
 
     def key_parameters(self) -> dict[str, Any]:
         """The settings that change a slide's bytes (device and scheduling do not, on CPU)."""

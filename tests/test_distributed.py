@@ -91,3 +91,15 @@ def test_generator_runs_on_the_workers_that_declare_a_gpu(tmp_path, cluster):
     assert np.array_equal(group["generated"][:], 255 - group["crop"][:])
     prov = json.loads((tmp_path / "out" / "dm1200" / "provenance.json").read_text())
     assert prov["model"]["ran_on"], "the generator did not run on the GPU worker"
+
+
+def test_local_worker_processes_give_the_threaded_result(tmp_path):
+    from cellbatch.synth import write_synth
+
+    write_synth(tmp_path / "synth", count=4, seed=5, looks=("dm1200",))
+    src = tmp_path / "synth" / "dm1200"
+    threads = _cellbatch("run", src, "-o", tmp_path / "threads", "--quiet")
+    procs = _cellbatch("run", src, "-o", tmp_path / "procs", "--quiet", "--processes", "2")
+    assert threads.returncode == 0 and procs.returncode == 0, procs.stderr
+    rows = [(tmp_path / out / "dm1200" / "cells.csv").read_bytes() for out in ("threads", "procs")]
+    assert rows[0] == rows[1]

@@ -44,6 +44,8 @@ from cellbatch.cli.options import (
               help="Leave cells the classifier is less sure of out of the agreement rate (they are counted).")
 @click.option("--scheduler", metavar="ADDRESS", help="Run the CPU stages on an existing Dask cluster (tcp://HOST:PORT).")
 @click.option("--workers", type=click.IntRange(min=1), help="Local threads for the CPU stages (default: all cores).")
+@click.option("--processes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Run the CPU stages in N local worker processes instead of threads (scales on many cores).")
 @click.option("--force", is_flag=True, help="Redo every slide, even those whose output is complete and unchanged.")
 @quiet_option
 @json_option
