@@ -171,22 +171,33 @@ def slide_names(sources: list[Path], *, exclude: tuple[Path, ...] = ()) -> Itera
             yield slide, name
 
 
-def plan_slide(slide: Slide, name: str, out: Path, settings: RunSettings, key_extra: dict[str, Any]) -> SlidePlan:
-    """Hash the slide's inputs and decide: run it, skip it (output complete and unchanged), or fail it."""
+def plan_slide(
+    slide: Slide,
+    name: str,
+    out: Path,
+    settings: RunSettings,
+    key_extra: dict[str, Any],
+    *,
+    hash_map: Callable[[Slide, list[list[CaptureRef]]], list[list[dict[str, Any]]]] | None = None,
+) -> SlidePlan:
+    """Hash the slide's inputs and decide: run it, skip it (output complete and unchanged), or fail it.
+
+    ``hash_map`` hashes chunks of captures, in parallel on the Dask workers in a run; by default
+    here, in order.
+    """
     plan = SlidePlan(slide=slide, name=name)
     try:
         plan.out_dir = output_dir_for(out, name)
         validate_slide(slide)
         if slide.kind == "zarr":
-            for frame in range(slide_frame_count(slide)):
-                ref = CaptureRef(source=slide.array_path or ".", frame=frame, path=str(slide.store))
-                plan.refs.append(ref)
-                plan.inputs.append(_hash_frame(slide, ref))
+            plan.refs = [CaptureRef(source=slide.array_path or ".", frame=f, path=str(slide.store))
+                         for f in range(slide_frame_count(slide))]
         else:
-            for path in slide.captures:
-                ref = CaptureRef(source=path.relative_to(slide.root).as_posix(), frame=0, path=str(path))
-                plan.refs.append(ref)
-                plan.inputs.append(_hash_file(ref))
+            plan.refs = [CaptureRef(source=p.relative_to(slide.root).as_posix(), frame=0, path=str(p))
+                         for p in slide.captures]
+        chunks = [plan.refs[i : i + HASH_CHUNK] for i in range(0, len(plan.refs), HASH_CHUNK)]
+        hashed = (hash_map or _hash_here)(slide, chunks)
+        plan.inputs = [entry for chunk in hashed for entry in chunk]
     except CellbatchError as exc:
         plan.action, plan.reason = "fail", str(exc)
         return plan
@@ -198,6 +209,30 @@ def plan_slide(slide: Slide, name: str, out: Path, settings: RunSettings, key_ex
     if not settings.force and _output_is_current(plan):
         plan.action = "skip"
     return plan
+
+
+HASH_CHUNK = 16
+
+
+def hash_captures(slide: Slide, refs: list[CaptureRef]) -> list[dict[str, Any]]:
+    """The Dask task that hashes a chunk of a slide's captures (files, or decoded Zarr frames)."""
+    if slide.kind == "zarr":
+        return [_hash_frame(slide, ref) for ref in refs]
+    return [_hash_file(ref) for ref in refs]
+
+
+def _hash_here(slide: Slide, chunks: list[list[CaptureRef]]) -> list[list[dict[str, Any]]]:
+    return [hash_captures(slide, refs) for refs in chunks]
+
+
+def dask_hash_map(client: Any) -> Callable[[Slide, list[list[CaptureRef]]], list[list[dict[str, Any]]]]:
+    """Hash a slide's chunks of captures as parallel Dask tasks, results in order."""
+
+    def hash_map(slide: Slide, chunks: list[list[CaptureRef]]) -> list[list[dict[str, Any]]]:
+        futures = [client.submit(hash_captures, slide, refs, pure=False) for refs in chunks]
+        return client.gather(futures)
+
+    return hash_map
 
 
 def _hash_file(ref: CaptureRef) -> dict[str, Any]:
@@ -405,7 +440,9 @@ def run_slides(
 ) -> RunReport:
     """Process every slide of ``sources`` into ``out``; every slide ends done, skipped or failed."""
     # OUT may sit inside a SRC folder: never read our own results back as captures.
-    plans = (plan_slide(s, n, out, settings, key_extra) for s, n in slide_names(sources, exclude=(out,)))
+    hash_map = dask_hash_map(client)
+    plans = (plan_slide(s, n, out, settings, key_extra, hash_map=hash_map)
+             for s, n in slide_names(sources, exclude=(out,)))
     window = 2 * max(1, _worker_threads(client))
     current: SlideRun | None = None
     for plan, i, n, results in schedule(client, plans, settings, window):
