@@ -195,6 +195,7 @@ def dask_client(scheduler: str | None, workers: int | None, *, processes: int = 
     else:
         cluster_args = {"n_workers": 1, "threads_per_worker": workers or len(os.sched_getaffinity(0)),
                         "processes": False}
-    with LocalCluster(**cluster_args, dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+    # Port 0: the scheduler's HTTP endpoint takes any free port, so concurrent runs never collide.
+    with LocalCluster(**cluster_args, dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client:
         yield client

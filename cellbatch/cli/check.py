@@ -8,7 +8,13 @@ from pathlib import Path
 
 import click
 
-from cellbatch.cli.options import cell_diameter_option, detector_option, device_option, json_option
+from cellbatch.cli.options import (
+    agreement_options,
+    cell_diameter_option,
+    detector_option,
+    device_option,
+    json_option,
+)
 
 
 @click.command()
@@ -21,36 +27,9 @@ from cellbatch.cli.options import cell_diameter_option, detector_option, device_
     metavar="CLF.pt",
     help="TorchScript classifier, (N, 3, 256, 256) RGB in, logits out (`cellbatch classifier train`).",
 )
-@click.option(
-    "--classes",
-    default=None,
-    metavar="A,B,C",
-    help="Class names in output order, for a classifier file without cellbatch.json.",
-)
-@click.option(
-    "--reference",
-    type=click.Path(path_type=Path),
-    default=None,
-    metavar="DIR_OR_ZARR",
-    help="Paired DM96 captures laid out like the run input (default: input crop = reference).",
-)
+@agreement_options
 @detector_option
 @cell_diameter_option
-@click.option(
-    "--min-agreement",
-    type=click.FloatRange(0, 1),
-    default=None,
-    metavar="RATE",
-    help="Flag slides whose agreement is below RATE (0.85 = 85%) as qc_failed; exit code 5 if any is.",
-)
-@click.option(
-    "--min-confidence",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    show_default=True,
-    metavar="P",
-    help="Cells whose output class has probability below P are 'unsure': counted, left out of the rate.",
-)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -46,3 +47,23 @@ def json_option(f: F) -> F:
 
 def quiet_option(f: F) -> F:
     return click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
+
+
+def agreement_options(f: F) -> F:
+    """The options of the classifier-agreement check, shared by ``run`` and ``check``."""
+    options = [
+        click.option("--classes", default=None, metavar="A,B,C",
+                     help="Class names in output order, for a classifier file without cellbatch.json."),
+        click.option("--reference", type=click.Path(path_type=Path), default=None, metavar="DIR_OR_ZARR",
+                     help="Paired DM96 captures laid out like the run input, matched by relative path "
+                     "(default: the input crop is the reference)."),
+        click.option("--min-agreement", type=click.FloatRange(0, 1), default=None, metavar="RATE",
+                     help="Flag slides whose agreement is below RATE (0.85 = 85%) as qc_failed; "
+                     "exit code 5 if any is."),
+        click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
+                     help="Cells whose output class has probability below P are 'unsure': counted, "
+                     "left out of the rate."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f

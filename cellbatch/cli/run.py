@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from cellbatch.cli.options import (
+    agreement_options,
     cell_diameter_option,
     detector_option,
     device_option,
@@ -35,13 +36,7 @@ from cellbatch.cli.options import (
 @click.option("--normalise", "normalise", multiple=True, metavar="NAME[:ARG]",
               help="Normaliser from the registry, applied in order (repeatable): none, display, hm:PROFILE.json, ...")
 @click.option("--classifier", type=click.Path(path_type=Path), help="TorchScript classifier for the agreement check.")
-@click.option("--classes", help="Comma-separated class names, for a classifier file without cellbatch.json.")
-@click.option("--reference", type=click.Path(path_type=Path),
-              help="Paired DM96 captures (folder or Zarr), matched by relative path.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1),
-              help="Mark slides below this agreement rate qc_failed (exit 5).")
-@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Leave cells the classifier is less sure of out of the agreement rate (they are counted).")
+@agreement_options
 @click.option("--scheduler", metavar="ADDRESS", help="Run the CPU stages on an existing Dask cluster (tcp://HOST:PORT).")
 @click.option("--workers", type=click.IntRange(min=1), help="Local threads for the CPU stages (default: all cores).")
 @click.option("--processes", type=click.IntRange(min=0), default=0, show_default=True,
