@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -21,14 +20,7 @@ from cellbatch.train.data import AugmentSettings, augment, read_pairs, split_ind
 from cellbatch.train.loop import TrainSettings, train
 from cellbatch.train.metrics import image_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These networks are tiny: one thread beats two that wait on each other (and on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_pairs(root: Path, *, count: int = 6, size: int = 128, seed: int = 0) -> Path:
