@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +50,70 @@ def pairs_from_synth(
     Path
         ``out``.
     """
-    import imageio.v3 as iio
-
     from cellbatch.synth import synth_capture
+
+    rng = np.random.default_rng(seed)
+
+    def scenes() -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, list[tuple[float, float]]]]:
+        for i in range(count):
+            capture = synth_capture(rng, cell_diameter=cell_diameter)
+            centres = [(c.cx, c.cy) for c in capture.cells]
+            yield f"capture_{i:05d}", capture.dm1200, capture.dm96, capture.labels, centres
+
+    return _write_pairs(out, scenes(), prefix="synth", size=size)
+
+
+def pairs_from_shifted_captures(
+    src: str | Path,
+    out: str | Path,
+    *,
+    seed: int,
+    skip: int = 0,
+    limit: int | None = None,
+    size: int = 256,
+    cell_diameter: float = 110.0,
+) -> Path:
+    """Write a pairs folder from real DM96 captures pushed through the synthetic DM1200 optics.
+
+    Each capture below ``src`` is segmented by the ``threshold`` detector and shifted by
+    :func:`cellbatch.synth.apply_optics` (stain-dependent, with sensor noise); each detected white
+    cell gives one aligned pair (shifted -> original). Real cell texture with a known optics shift:
+    a check that a generator trained on it undoes the shift on real cells. ``skip`` and ``limit``
+    select, per folder (e.g. per PBC class), which captures are used, so held-out captures stay out.
+    """
+    from cellbatch.detect.base import DetectSettings
+    from cellbatch.detect.threshold import ThresholdDetector
+    from cellbatch.read import iter_image_files, read_image
+    from cellbatch.synth import apply_optics
+
+    rng = np.random.default_rng(seed)
+    detector = ThresholdDetector(DetectSettings(cell_diameter=cell_diameter))
+    root = Path(src)
+
+    def scenes() -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, list[tuple[float, float]]]]:
+        by_folder: dict[Path, list[Path]] = {}
+        for path in iter_image_files(root):
+            by_folder.setdefault(path.parent, []).append(path)
+        for paths in by_folder.values():
+            for path in paths[skip : None if limit is None else skip + limit]:
+                truth = read_image(path)
+                detection = detector(truth)
+                shifted = apply_optics(truth, detection.labels, optics="dm1200", rng=rng)
+                name = path.relative_to(root).with_suffix("").as_posix().replace("/", "__")
+                yield name, shifted, truth, detection.labels, [(c.cx, c.cy) for c in detection.cells]
+
+    return _write_pairs(out, scenes(), prefix="shifted", size=size)
+
+
+def _write_pairs(
+    out: str | Path,
+    scenes: Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, list[tuple[float, float]]]],
+    *,
+    prefix: str,
+    size: int,
+) -> Path:
+    """Crop every (capture name, source image, target image, labels, cell centres) into ``out``."""
+    import imageio.v3 as iio
 
     out = Path(out)
     if out.exists():
@@ -60,23 +122,18 @@ def pairs_from_synth(
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "source").mkdir(parents=True)
     (tmp / "target").mkdir()
-    rng = np.random.default_rng(seed)
     with open(tmp / "pairs.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(COLUMNS)
-        for i in range(count):
-            capture = synth_capture(rng, cell_diameter=cell_diameter)
-            fill_src = background_colour(capture.dm1200, capture.labels)
-            fill_tgt = background_colour(capture.dm96, capture.labels)
-            for j, cell in enumerate(capture.cells):
-                name = f"synth_{i:05d}_{j}"
-                src, (x0, y0, _, _) = crop_window(capture.dm1200, cell.cx, cell.cy, size=size, fill=fill_src)
-                tgt, _ = crop_window(capture.dm96, cell.cx, cell.cy, size=size, fill=fill_tgt)
+        for i, (capture_name, source, target, labels, centres) in enumerate(scenes):
+            fill_src = background_colour(source, labels)
+            fill_tgt = background_colour(target, labels)
+            for j, (cx, cy) in enumerate(centres):
+                name = f"{prefix}_{i:05d}_{j}"
+                src, (x0, y0, _, _) = crop_window(source, cx, cy, size=size, fill=fill_src)
+                tgt, _ = crop_window(target, cx, cy, size=size, fill=fill_tgt)
                 iio.imwrite(tmp / "source" / f"{name}.png", src)
                 iio.imwrite(tmp / "target" / f"{name}.png", tgt)
-                capture_name = f"capture_{i:05d}"
-                writer.writerow(
-                    [name, capture_name, capture_name, j, j, f"{cell.cx:.2f}", f"{cell.cy:.2f}", x0, y0]
-                )
+                writer.writerow([name, capture_name, capture_name, j, j, f"{cx:.2f}", f"{cy:.2f}", x0, y0])
     tmp.rename(out)
     return out
