@@ -30,33 +30,53 @@ def _files(slide: Path) -> dict[str, bytes]:
     return files
 
 
+def _kill_mid_run(src: Path, out: Path, rng: random.Random, n_slides: int) -> bool:
+    """Start a run and SIGKILL it once a random number of slides are done (plus a random instant),
+    so every kill lands while work remains, however fast the machine. True if it was killed."""
+    done_before = len(_slide_dirs(out)) if out.exists() else 0
+    target = rng.randint(done_before, max(done_before, n_slides - 2))
+    proc = _start(src, out)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.exists() and len(_slide_dirs(out)) >= target:
+            time.sleep(rng.uniform(0.0, 0.15))
+            break
+        time.sleep(0.02)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    return killed
+
+
 def test_killed_runs_leave_no_partial_slide_and_the_rerun_matches(tmp_path):
     from cellbatch.synth import write_synth
 
+    n_slides = 8
     src = tmp_path / "slides"
-    for i in range(6):
-        write_synth(tmp_path / f"s{i}", count=3, seed=i, looks=("dm1200",))
-        (tmp_path / f"s{i}" / "dm1200").rename(src / f"slide{i}" if src.exists() else _mk(src) / f"slide{i}")
+    src.mkdir()
+    for i in range(n_slides):
+        write_synth(tmp_path / f"s{i}", count=5, seed=i, looks=("dm1200",))
+        (tmp_path / f"s{i}" / "dm1200").rename(src / f"slide{i}")
     reference = tmp_path / "reference"
     done = subprocess.run([sys.executable, "-m", "cellbatch", "run", str(src), "-o", str(reference), "--quiet",
                            "--batch-size", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     expected = {p.name: _files(p) for p in _slide_dirs(reference)}
-    assert len(expected) == 6
+    assert len(expected) == n_slides
 
     out = tmp_path / "out"
     rng = random.Random(7)
-    kills = 0
+    kills_with_work_left = 0
     for _ in range(4):
-        proc = _start(src, out)
-        time.sleep(rng.uniform(1.5, 6.0))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait(timeout=60)
-        for slide in _slide_dirs(out):  # whatever is visible is complete
+        killed = _kill_mid_run(src, out, rng, n_slides)
+        visible = _slide_dirs(out)
+        for slide in visible:  # whatever is visible is complete
             assert (slide / "provenance.json").is_file() and (slide / "cells.zarr" / "zarr.json").is_file()
-    assert kills >= 2, "the runs finished before they could be killed; the test needs slower runs"
+        kills_with_work_left += killed and len(visible) < n_slides
+        if len(visible) == n_slides:
+            break
+    assert kills_with_work_left >= 1, "no run was killed before it finished; the test proves nothing"
     final = subprocess.run([sys.executable, "-m", "cellbatch", "run", str(src), "-o", str(out), "--quiet",
                             "--batch-size", "2"], capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
@@ -64,9 +84,5 @@ def test_killed_runs_leave_no_partial_slide_and_the_rerun_matches(tmp_path):
     assert got.keys() == expected.keys()
     for name in expected:
         assert got[name] == expected[name], f"slide {name} differs from the uninterrupted run"
-    assert not any((out / STAGING).iterdir()) if (out / STAGING).exists() else True
-
-
-def _mk(path: Path) -> Path:
-    path.mkdir(parents=True)
-    return path
+    staging = out / STAGING
+    assert not staging.exists() or not any(staging.iterdir())
