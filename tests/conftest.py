@@ -29,6 +29,15 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The bad-input corpus (tests/badinput.py) in a fresh folder, with each case's expected outcome."""
+    from tests.badinput import make_bad_corpus
+
+    folder = tmp_path_factory.mktemp("corpus")
+    return folder, make_bad_corpus(folder)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu`` tests where CUDA is absent (CI never has a GPU)."""
     try:

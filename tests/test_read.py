@@ -7,7 +7,6 @@ import os
 import struct
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,14 +25,7 @@ from cellbatch.read import (
     read_capture,
     read_image,
 )
-from tests.badinput import EXPECTED_TEXT, make_bad_corpus, synthetic_capture
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    folder = tmp_path_factory.mktemp("corpus")
-    return folder, make_bad_corpus(folder)
-
+from tests.badinput import EXPECTED_TEXT, synthetic_capture
 
 _CAPTURE_CASES = sorted(k for k in EXPECTED_TEXT if k.startswith("captures/"))
 

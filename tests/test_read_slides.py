@@ -20,13 +20,7 @@ from cellbatch.read import (
     slide_frame_count,
     validate_slide,
 )
-from tests.badinput import EXPECTED_TEXT, make_bad_corpus, synthetic_capture
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    folder = tmp_path_factory.mktemp("corpus")
-    return folder, make_bad_corpus(folder)
+from tests.badinput import EXPECTED_TEXT, synthetic_capture
 
 
 def _frames(n: int = 3, height: int = 40, width: int = 48) -> np.ndarray:
