@@ -263,3 +263,15 @@ def test_agreement_check_in_the_run_and_its_qc_gate(tmp_path, cellbatch):
     assert (tmp_path / "swapped" / "s" / "cells.zarr").is_dir()  # output kept
     prov = json.loads((tmp_path / "swapped" / "s" / "provenance.json").read_text())
     assert prov["check"]["qc_failed"] is True and prov["classifier"]["sha256"]
+
+
+def test_several_sources_name_their_slides_apart(tmp_path, cellbatch):
+    write_slides(tmp_path / "a" / "day1", slides={"s": 1})
+    write_slides(tmp_path / "b" / "day1", slides={"s": 1})
+    write_slides(tmp_path / "c", slides={"leaf": 1})
+    code, out, err = cellbatch("run", tmp_path / "a" / "day1", tmp_path / "b" / "day1", tmp_path / "c" / "leaf",
+                               "-o", tmp_path / "out", "--json", *TOY)
+    assert code == 0, err
+    names = sorted(s["name"] for s in json.loads(out)["slides"])
+    assert names == ["day1-2/s", "day1/s", "leaf"]
+    assert all((tmp_path / "out" / n / "cells.csv").is_file() for n in names)
