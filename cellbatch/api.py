@@ -46,6 +46,7 @@ def convert(
     force: bool = False,
     command: list[str] | None = None,
     on_progress: Callable[[int, int, int], None] = lambda captures, cells, slides: None,
+    on_plan: Callable[[int, int], None] = lambda captures, slides: None,
     on_warning: Callable[[str], None] = lambda message: None,
 ) -> RunReport:
     """Convert every slide in ``sources`` into ``out``; see ``cellbatch run --help`` for the options.
@@ -94,7 +95,7 @@ def convert(
             "normalisers": provenance["normalisation"],
         }
         run_slides(source_paths, out, settings=settings, stages=stages, client=client, provenance_base=provenance,
-                   key_extra=key_extra, report=report, on_progress=on_progress)
+                   key_extra=key_extra, report=report, on_progress=on_progress, on_plan=on_plan)
         report.finished = utc_now()
         report.save()
     return report

@@ -437,12 +437,14 @@ def run_slides(
     key_extra: dict[str, Any],
     report: RunReport,
     on_progress: Callable[[int, int, int], None] = lambda captures, cells, slides: None,
+    on_plan: Callable[[int, int], None] = lambda captures, slides: None,
 ) -> RunReport:
     """Process every slide of ``sources`` into ``out``; every slide ends done, skipped or failed."""
     # OUT may sit inside a SRC folder: never read our own results back as captures.
     hash_map = dask_hash_map(client)
-    plans = (plan_slide(s, n, out, settings, key_extra, hash_map=hash_map)
-             for s, n in slide_names(sources, exclude=(out,)))
+    listed = list(slide_names(sources, exclude=(out,)))
+    on_plan(sum(_capture_count(s) for s, _ in listed), len(listed))
+    plans = (plan_slide(s, n, out, settings, key_extra, hash_map=hash_map) for s, n in listed)
     window = 2 * max(1, _worker_threads(client))
     current: SlideRun | None = None
     for plan, i, n, results in schedule(client, plans, settings, window):
@@ -475,6 +477,16 @@ def run_slides(
             on_progress(0, 0, 1)
             current = None
     return report
+
+
+def _capture_count(slide: Slide) -> int:
+    """Captures in a slide, for the progress total; 0 for a slide that will fail validation."""
+    if slide.kind != "zarr":
+        return len(slide.captures)
+    try:
+        return slide_frame_count(slide)
+    except CellbatchError:
+        return 0
 
 
 def _finish_without_run(

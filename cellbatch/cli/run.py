@@ -54,10 +54,11 @@ def run(sources: tuple[Path, ...], out: Path, classes: str | None, quiet: bool, 
     from cellbatch.api import convert
 
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    with progress_bar(quiet) as on_progress:
+    with progress_bar(quiet) as (on_plan, on_progress):
         report = convert(
             sources, out, classes=class_list, command=["cellbatch", *sys.argv[1:]], on_progress=on_progress,
-            on_warning=lambda message: click.echo(f"cellbatch: warning: {message}", err=True), **options,
+            on_plan=on_plan, on_warning=lambda message: click.echo(f"cellbatch: warning: {message}", err=True),
+            **options,
         )
     summary = report.to_dict()
     if as_json:
@@ -68,13 +69,22 @@ def run(sources: tuple[Path, ...], out: Path, classes: str | None, quiet: bool, 
 
 
 @contextmanager
-def progress_bar(quiet: bool) -> Iterator[Callable[[int, int, int], None]]:
-    """A tqdm bar over captures with cells/s, on a terminal only (quiet in logs and pipelines)."""
+def progress_bar(quiet: bool) -> Iterator[tuple[Callable[[int, int], None], Callable[[int, int, int], None]]]:
+    """A tqdm bar over captures with slides and cells/s, on a terminal only (quiet in logs and pipelines).
+
+    Yields ``(on_plan, on_progress)``: the first sets the totals once the slides are listed.
+    """
     from tqdm import tqdm
 
     disable = quiet or not sys.stderr.isatty()
     with tqdm(unit="capture", disable=disable, dynamic_ncols=True, file=sys.stderr) as bar:
         cells = slides = 0
+        total_slides = "?"
+
+        def on_plan(n_captures: int, n_slides: int) -> None:
+            nonlocal total_slides
+            total_slides = str(n_slides)
+            bar.reset(total=n_captures)
 
         def on_progress(n_captures: int, n_cells: int, n_slides: int) -> None:
             nonlocal cells, slides
@@ -82,10 +92,10 @@ def progress_bar(quiet: bool) -> Iterator[Callable[[int, int, int], None]]:
             slides += n_slides
             bar.update(n_captures)
             elapsed = bar.format_dict["elapsed"]
-            bar.set_postfix(slides=slides, cells=cells, cells_per_s=f"{cells / elapsed:.1f}" if elapsed else "-",
-                            refresh=False)
+            bar.set_postfix(slides=f"{slides}/{total_slides}", cells=cells,
+                            cells_per_s=f"{cells / elapsed:.1f}" if elapsed else "-", refresh=False)
 
-        yield on_progress
+        yield on_plan, on_progress
 
 
 def print_summary(summary: dict[str, Any]) -> None:
