@@ -72,7 +72,19 @@ LARGE_NUCLEUS = 0.50  # above: a nucleus whatever its colour (largest PBC giant 
 PLATELET_RATIO = (0.80, 1.10)  # purple / darkness of MGG platelets; chromatin is darker, Wright bluer
 CELL_BODY = 0.65  # a stained body this large (D^2) around a blob makes it a cell (platelets: 99th pct 0.60)
 SMALL_BODY = 0.30  # with dense chromatin, a body this large suffices (erythroblasts, lymphocytes)
-DENSE_CHROMATIN = 0.61  # 75th percentile of darkness within the nucleus
+# Chromatin density is judged against the capture's own red cells: optical densities (-ln of the
+# white-balanced value) all scale by g under a gamma g, so their ratio does not move, where absolute
+# darkness does (gamma 1.3 on PBC turned 15 % of giant platelets "dense"). 75th percentile of the
+# nucleus' density over the median density of stained pixels outside nuclei (PBC: small lymphocytes and
+# erythroblasts 4.5-9, giant platelets median 3.7).
+DENSE_CHROMATIN = 5.0  # dense, for a blob of the platelet colour
+MGG_CHROMATIN = 4.0  # dense, for a blob darker for its purple than platelets (below the colour band)
+# An over-exposed capture (background clipped at 255) lightens everything by a constant density, which
+# shrinks the red cells' density more than the nucleus': a loose absolute floor keeps that from making
+# platelets dense (PBC small lymphocytes: darkness >= 0.57 even at gamma 0.8; platelets median 0.50).
+DARK_CHROMATIN = 0.55
+MIN_REFERENCE_PIXELS = 50  # fewer stained pixels outside nuclei than this: no red cells to compare with
+TYPICAL_RED_CELL_DENSITY = 0.21  # then use the PBC median
 # Chromatin absorbs red light, eosin (eosinophil granules, red cells) hardly: a nucleus pixel absorbs at
 # least this fraction of the red its nucleus' 75th percentile absorbs.
 NUCLEUS_RELATIVE_RED = 0.75
@@ -136,7 +148,9 @@ class ThresholdDetector:
         balanced = small.astype(np.float32) * (1.0 / white)
         purple = balanced[..., 2] - balanced[..., 1]
         dark = 1.0 - (balanced[..., 0] + balanced[..., 1] + balanced[..., 2]) * (1.0 / 3.0)
-        maps = _Maps(nucleus=purple > NUCLEUS_PURPLE, stained=dark > STAINED_DARK, dark=dark, purple=purple)
+        maps = _Maps(
+            nucleus=purple > NUCLEUS_PURPLE, stained=dark > STAINED_DARK, dark=dark, purple=purple, balanced=balanced
+        )
 
         density = cv2.GaussianBlur(maps.nucleus.astype(np.float32), (0, 0), DENSITY_SIGMA * d)
         seeds = _accepted_seeds(_seeds(density, d), maps, d)
@@ -162,10 +176,29 @@ class ThresholdDetector:
 class _Maps:
     """The per-pixel stain maps of one capture at the working scale."""
 
-    __slots__ = ("nucleus", "stained", "dark", "purple")
+    __slots__ = ("nucleus", "stained", "dark", "purple", "balanced", "_red_cell_density")
 
-    def __init__(self, *, nucleus: np.ndarray, stained: np.ndarray, dark: np.ndarray, purple: np.ndarray):
+    def __init__(
+        self, *, nucleus: np.ndarray, stained: np.ndarray, dark: np.ndarray, purple: np.ndarray, balanced: np.ndarray
+    ):
         self.nucleus, self.stained, self.dark, self.purple = nucleus, stained, dark, purple
+        self.balanced = balanced
+        self._red_cell_density: float | None = None
+
+    def red_cell_density(self) -> float:
+        """Median optical density (mean of R, G, B) of the stained pixels outside nuclei: mostly red cells."""
+        if self._red_cell_density is None:
+            other = self.stained & ~self.nucleus
+            if np.count_nonzero(other) < MIN_REFERENCE_PIXELS:
+                self._red_cell_density = TYPICAL_RED_CELL_DENSITY
+            else:
+                self._red_cell_density = float(np.median(_density(self.balanced[other]).mean(axis=1)))
+        return self._red_cell_density
+
+
+def _density(balanced: np.ndarray) -> np.ndarray:
+    """Optical density of white-balanced values: a gamma applied to the capture scales it, ratios stay."""
+    return -np.log(np.maximum(balanced, 1.0 / 255.0))
 
 
 def _background_colour(small: np.ndarray) -> np.ndarray:
@@ -265,20 +298,36 @@ def _accepted_seeds(seeds: list[tuple[float, float]], maps: _Maps, d: float) -> 
 def _platelet(nuc: np.ndarray, mine: np.ndarray, win: tuple[slice, slice], maps: _Maps, d: float) -> bool:
     """Whether a mid-sized nucleus-coloured blob is a (giant) platelet rather than a small nucleus.
 
-    A platelet has the granulomere's colour (purple / darkness in the platelet band), and no cell body
-    around it, or a small one without the dense chromatin of an erythroblast or a small lymphocyte.
-    Blue-violet nuclei of pale stains lie above the band; MGG nuclei of cells with much cytoplasm
-    below it or inside a large body.
+    Blue-violet nuclei of pale stains lie above the platelet colour band, and a blob inside a large
+    stained body is a cell. Otherwise a blob is a cell only with a small body and chromatin dense for
+    this capture (see :data:`DENSE_CHROMATIN`): erythroblasts and small lymphocytes. MGG chromatin,
+    darker for its purple than the granulomere (below the band), needs less density; so does a blob
+    cut by the capture border, whose body cannot be measured.
     """
     nuc_dark = maps.dark[win][nuc]
     ratio = float(maps.purple[win][nuc].mean()) / max(float(nuc_dark.mean()), 1e-3)
-    if not PLATELET_RATIO[0] <= ratio <= PLATELET_RATIO[1]:
+    if ratio > PLATELET_RATIO[1]:
         return False
     body = np.count_nonzero(_cell_body(nuc, mine & maps.stained[win], CELL_REACH * d, d) | nuc) / (d * d)
     if body >= CELL_BODY:
         return False
-    dense = float(np.percentile(nuc_dark, 75)) >= DENSE_CHROMATIN
-    return not (dense and body >= SMALL_BODY)
+    chromatin = float(np.percentile(_density(maps.balanced[win][nuc]).mean(axis=1), 75)) / maps.red_cell_density()
+    if ratio < PLATELET_RATIO[0]:
+        return chromatin < MGG_CHROMATIN or (body < SMALL_BODY and not _on_border(nuc, win, maps.nucleus.shape))
+    if body < SMALL_BODY:
+        return True
+    return chromatin < DENSE_CHROMATIN or float(np.percentile(nuc_dark, 75)) < DARK_CHROMATIN
+
+
+def _on_border(mask: np.ndarray, win: tuple[slice, slice], shape: tuple[int, int]) -> bool:
+    """Whether a window mask reaches the edge of the capture (``shape``: the capture at the working scale)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return bool(
+        rows[0] + win[0].start == 0
+        or cols[0] + win[1].start == 0
+        or rows[-1] + win[0].start == shape[0] - 1
+        or cols[-1] + win[1].start == shape[1] - 1
+    )
 
 
 def _without_specks(nuc: np.ndarray, d: float) -> np.ndarray:
