@@ -366,7 +366,8 @@ def _cell_circle(nuc: np.ndarray, stained: np.ndarray, reach: float, d: float) -
     r = rho[stop]
     clean = inside[rays, stop] & (stop < last)
     if np.count_nonzero(clean) >= 3:
-        clean &= np.abs(r - np.median(r[clean])) <= CIRCLE_TOLERANCE * np.median(r[clean])
+        typical = float(np.median(r[clean]))
+        clean &= np.abs(r - typical) <= CIRCLE_TOLERANCE * typical
     centre, radius = (cx, cy), float(np.median(r[clean] if clean.any() else r))
     if np.count_nonzero(clean) >= MIN_RAYS:
         bx, by = px[rays, stop][clean], py[rays, stop][clean]
