@@ -140,6 +140,18 @@ def test_lobes_of_one_neutrophil_are_one_cell(lobes: int) -> None:
     assert len(detect(image).cells) == 1
 
 
+def test_large_band_neutrophil_with_far_apart_ends_is_one_cell() -> None:
+    """Two heavy lobes 0.9 D apart joined by a thin chromatin band (PBC band cells reach 1.6 D across)."""
+    image = blank()
+    disc(image, 320, 240, 0.8 * D, CYTOPLASM_RGB)
+    cv2.ellipse(image, (320, 220), (round(0.45 * D), round(0.4 * D)), 0, 0, 180, NUCLEUS_RGB, round(0.06 * D))
+    for side in (-1, 1):
+        disc(image, 320 + side * 0.45 * D, 220, 0.17 * D, NUCLEUS_RGB)
+    cells = detect(image).cells
+    assert len(cells) == 1
+    assert (cells[0].cx, cells[0].cy) == pytest.approx((320, 240), abs=0.1 * D)
+
+
 def test_cell_cut_by_the_border_is_kept_and_flagged() -> None:
     image = blank()
     neutrophil(image, 15, 240)

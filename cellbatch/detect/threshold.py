@@ -62,6 +62,7 @@ MERGE_DISTANCE = 0.55  # two maxima nearer than this are lobes of one nucleus
 VALLEY_DISTANCE = 0.8  # up to this far, maxima joined without a density valley are one nucleus
 VALLEY_RATIO = 0.75
 NUCLEUS_SPAN = 1.5  # lobes of one nucleus span at most this much, edge to edge
+CONNECTED_SPAN = 1.9  # ... or this much when chromatin joins them (band and segmented neutrophils)
 CELL_REACH = 0.85  # a cell extends at most this far from its seed
 SPECK = 0.01  # nucleus fragments smaller than this (D^2) are granules or debris
 
@@ -153,7 +154,7 @@ class ThresholdDetector:
         )
 
         density = cv2.GaussianBlur(maps.nucleus.astype(np.float32), (0, 0), DENSITY_SIGMA * d)
-        seeds = _accepted_seeds(_seeds(density, d), maps, d)
+        seeds = _accepted_seeds(_seeds(density, _chromatin_pieces(maps), d), maps, d)
 
         labels = _red_cell_labels(image, white)
         cells: list[Cell] = []
@@ -211,7 +212,21 @@ def _background_colour(small: np.ndarray) -> np.ndarray:
     return np.maximum(white, 1.0)
 
 
-def _seeds(density: np.ndarray, d: float) -> list[tuple[float, float]]:
+def _chromatin_pieces(maps: _Maps) -> np.ndarray:
+    """Connected pieces of chromatin (int32 labels, 0 elsewhere): nucleus pixels that absorb red light.
+
+    Lobes of one nucleus are joined by chromatin filaments; two cells that touch are joined, if at
+    all, by cytoplasm, which is nucleus-coloured in some cells but absorbs little red.
+    """
+    red_absorbed = 1.0 - maps.balanced[..., 0]
+    if not maps.nucleus.any():
+        return np.zeros(maps.nucleus.shape, np.int32)
+    floor = NUCLEUS_RELATIVE_RED * float(np.percentile(red_absorbed[maps.nucleus], 75))
+    chromatin = maps.nucleus & (red_absorbed >= floor)
+    return cv2.connectedComponents(chromatin.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)[1]
+
+
+def _seeds(density: np.ndarray, pieces: np.ndarray, d: float) -> list[tuple[float, float]]:
     """One (x, y) per nucleus: density maxima, strongest first, merged when they are lobes of one."""
     size = int(2 * round(PEAK_WINDOW * d / 2) + 1)
     local_max = cv2.dilate(density, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
@@ -223,12 +238,14 @@ def _seeds(density: np.ndarray, d: float) -> list[tuple[float, float]]:
     kept: list[tuple[float, float, float]] = []
     for i in np.argsort(-values, kind="stable"):
         peak = (float(xs[i]), float(ys[i]), float(values[i]))
-        if not any(_same_nucleus(density, peak, other, d) for other in kept):
+        if not any(_same_nucleus(density, pieces, peak, other, d) for other in kept):
             kept.append(peak)
     return [(x, y) for x, y, _ in kept]
 
 
-def _same_nucleus(density: np.ndarray, a: tuple[float, float, float], b: tuple[float, float, float], d: float) -> bool:
+def _same_nucleus(
+    density: np.ndarray, pieces: np.ndarray, a: tuple[float, float, float], b: tuple[float, float, float], d: float
+) -> bool:
     """Whether two density maxima ``(x, y, value)`` are lobes of one nucleus rather than two cells.
 
     Lobes are close, joined without a density valley, and together no wider than one cell holds. A
@@ -238,16 +255,30 @@ def _same_nucleus(density: np.ndarray, a: tuple[float, float, float], b: tuple[f
     dist = float(np.hypot(a[0] - b[0], a[1] - b[1]))
     if dist < MERGE_DISTANCE * d:
         return True
-    if dist >= VALLEY_DISTANCE * d:
-        return False
     sigma = DENSITY_SIGMA * d
     span = dist + sum(sigma * np.sqrt(-2.0 * np.log(max(1.0 - v, 1e-3))) for v in (a[2], b[2]))
-    if span > NUCLEUS_SPAN * d:
+    if span <= CONNECTED_SPAN * d and _one_piece(pieces, a, b, sigma):
+        return True
+    if dist >= VALLEY_DISTANCE * d or span > NUCLEUS_SPAN * d:
         return False
     t = np.linspace(0.0, 1.0, max(3, int(dist) + 1))
     iy = np.round(a[1] + t * (b[1] - a[1])).astype(np.intp)
     ix = np.round(a[0] + t * (b[0] - a[0])).astype(np.intp)
     return bool(density[iy, ix].min() >= VALLEY_RATIO * min(a[2], b[2]))
+
+
+def _one_piece(pieces: np.ndarray, a: tuple[float, float, float], b: tuple[float, float, float], r: float) -> bool:
+    """Whether the chromatin nearest to two maxima (within ``r``) is one connected piece."""
+    found = []
+    for x, y, _ in (a, b):
+        y0, x0 = max(0, int(y - r)), max(0, int(x - r))
+        window = pieces[y0 : int(y + r) + 1, x0 : int(x + r) + 1]
+        ys, xs = np.nonzero(window)
+        if not len(ys):
+            return False
+        nearest = np.argmin((ys + y0 - y) ** 2 + (xs + x0 - x) ** 2)
+        found.append(window[ys[nearest], xs[nearest]])
+    return bool(found[0] == found[1])
 
 
 def _territory(
