@@ -3,7 +3,8 @@
 - BCCD (Wright stain, more magnified: cell diameter 200 px): recall >= 0.97, precision >= 0.95
   against the white-cell boxes.
 - PBC (MGG, DM96, default diameter 110 px): for every nucleated class, exactly one cell within 25 px
-  of the image centre in >= 99 % of images; no cell at all in >= 95 % of platelet images.
+  of the image centre in >= 99 % of images; no cell at all in >= 95 % of platelet images. "Within
+  25 px" is read two ways (cellbatch.evaluate.CentredCapture): the cell's centroid, or its body.
 
 Skipped with a reason where the data folder is absent. All 292 + 1,200 images run in a few seconds.
 
@@ -23,23 +24,29 @@ import pytest
 
 from cellbatch.detect.base import DetectSettings
 from cellbatch.detect.threshold import ThresholdDetector
-from cellbatch.evaluate import evaluate_detector, load_boxes
+from cellbatch.evaluate import CentredCapture, centred_capture, evaluate_detector, load_boxes
 from cellbatch.read import iter_image_files, read_image
 
 NUCLEATED = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil")
 CENTRE_RADIUS = 25.0
 
-# Classes below the 99 % floor, with why (measured 2026-11-26 on this checkout, see docs/detection.md). In each, the
-# detector finds the one cell, but in 2-8 % of PBC captures that cell's outline-centroid lies 25-40 px
-# from the image centre (the analyser did not centre it): measured by hand on EO_295726 (32 px),
-# MY_204645 (~28 px), MO_636291, BNE_77263. strict: the marker must go when the class passes.
-BELOW_FLOOR = {
-    "basophil": "2 of 85 captures hold their cell 26-30 px off centre",
-    "eosinophil": "6 % of captures hold their cell 25-50 px off centre, or two cells either side",
-    "erythroblast": "5 % off centre, incl. pairs of touching erythroblasts centred between them",
-    "ig": "8 % of captures hold their cell 25-42 px off centre, or two cells either side",
-    "monocyte": "3 % off centre or two cells either side of the centre",
-    "neutrophil": "3 % off centre",
+# Classes below the 99 % floor when "within 25 px" means the cell's centroid (measured 2026-11-26, see
+# docs/detection.md). The detector finds and outlines the cell, but the analyser left it 25-50 px off
+# centre in 2-8 % of captures (checked by eye: EO_609060, MY_679678, BNE_999232, SNE_922279 sit 30-40 px
+# below the centre). strict: the marker must go when a class passes.
+BELOW_FLOOR_BY_CENTROID = {
+    "basophil": "2 of 85 captures hold their cell 26-29 px off centre",
+    "eosinophil": "11 of 219 captures hold their cell 25-50 px off centre; 2 hold no central cell or a split one",
+    "erythroblast": "4 of 109 off centre; 2 with no single central cell; 1 bare nucleus taken for a platelet",
+    "ig": "15 of 203 off centre; 1 with two touching cells either side of the centre; 1 outline short",
+    "monocyte": "3 of 100 off centre",
+    "neutrophil": "6 of 234 off centre",
+}
+# ... and when it means the cell's body. Of the 109 erythroblast captures, ERB_810174 holds no cell at the
+# centre (a red cell is there), ERB_115599 and ERB_211807 two touching erythroblasts both reaching it,
+# and ERB_915601 a bare nucleus with no cytoplasm that the detector takes for a platelet: 99 % allows one.
+BELOW_FLOOR_BY_BODY = {
+    "erythroblast": "3 of 109 captures hold no single central cell; 1 bare nucleus taken for a platelet",
 }
 
 
@@ -67,19 +74,27 @@ def bccd(shared_data: Path) -> Path:
 
 
 @cache
-def pbc_outcomes(folder: Path, cell_class: str) -> tuple[int, int, int]:
-    """(images, images with exactly one cell near the centre, images with no cell) for one PBC class."""
+def pbc_captures(folder: Path, cell_class: str, perturbation: str | None = None) -> tuple[CentredCapture, ...]:
+    """The detector's cells in each capture of one PBC class, as distances from the image centre."""
     detector = ThresholdDetector(DetectSettings(cell_diameter=110.0))
-    images = one_central = none = 0
+    captures = []
     for path in iter_image_files(folder / cell_class):
         image = read_image(path)
-        cells = detector(image).cells
-        h, w = image.shape[:2]
-        near = [c for c in cells if np.hypot(c.cx - w / 2, c.cy - h / 2) <= CENTRE_RADIUS]
-        images += 1
-        one_central += len(near) == 1
-        none += not cells
-    return images, one_central, none
+        detection = detector(PERTURBATIONS[perturbation](image) if perturbation else image)
+        captures.append(centred_capture(path.name, cell_class, detection, image.shape[:2]))
+    return tuple(captures)
+
+
+def pbc_rate(folder: Path, cell_class: str, reading: str = "centroid", perturbation: str | None = None) -> float:
+    """Share of the class' captures with exactly one central cell (platelets: with no cell at all)."""
+    captures = pbc_captures(folder, cell_class, perturbation)
+    if cell_class == "platelet":
+        return float(np.mean([not c.centroid_px for c in captures]))
+    return float(np.mean([c.central(CENTRE_RADIUS, reading) == 1 for c in captures]))
+
+
+def _below(cell_class: str, reasons: dict[str, str]):
+    return pytest.param(cell_class, marks=pytest.mark.xfail(strict=True, reason=reasons[cell_class]))
 
 
 def test_bccd_recall_and_precision_beat_the_floor(bccd: Path) -> None:
@@ -101,46 +116,33 @@ def test_bccd_voc_annotations_give_the_same_score_as_the_csv(bccd: Path) -> None
 
 
 @pytest.mark.parametrize(
-    "cell_class",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=BELOW_FLOOR[c])) if c in BELOW_FLOOR else c
-        for c in NUCLEATED
-    ],
+    "cell_class", [_below(c, BELOW_FLOOR_BY_CENTROID) if c in BELOW_FLOOR_BY_CENTROID else c for c in NUCLEATED]
 )
-def test_pbc_nucleated_cell_is_found_once_at_the_centre(shared_data: Path, cell_class: str) -> None:
-    images, one_central, _ = pbc_outcomes(shared_data / "pbc", cell_class)
-    assert one_central / images >= 0.99
+def test_pbc_nucleated_cell_is_found_once_with_its_centroid_at_the_centre(shared_data: Path, cell_class: str) -> None:
+    assert pbc_rate(shared_data / "pbc", cell_class, "centroid") >= 0.99
+
+
+@pytest.mark.parametrize(
+    "cell_class", [_below(c, BELOW_FLOOR_BY_BODY) if c in BELOW_FLOOR_BY_BODY else c for c in NUCLEATED]
+)
+def test_pbc_nucleated_cell_is_found_once_covering_the_centre(shared_data: Path, cell_class: str) -> None:
+    assert pbc_rate(shared_data / "pbc", cell_class, "body") >= 0.99
 
 
 @pytest.mark.parametrize("cell_class", NUCLEATED)
-def test_pbc_nucleated_cell_found_in_at_least_nine_in_ten(shared_data: Path, cell_class: str) -> None:
-    """A looser guard than the floor: regressions show here even while a class is below 99 %."""
-    images, one_central, _ = pbc_outcomes(shared_data / "pbc", cell_class)
-    assert one_central / images >= 0.9
+def test_pbc_nucleated_cell_found_at_the_centre_in_at_least_nine_in_ten(shared_data: Path, cell_class: str) -> None:
+    """Looser guards than the floor: regressions show here even while a class is below 99 %."""
+    assert pbc_rate(shared_data / "pbc", cell_class, "centroid") >= 0.9
+    assert pbc_rate(shared_data / "pbc", cell_class, "body") >= 0.95
 
 
 def test_pbc_platelet_captures_give_no_cell(shared_data: Path) -> None:
-    images, _, none = pbc_outcomes(shared_data / "pbc", "platelet")
-    assert none / images >= 0.95
-
-
-@cache
-def pbc_perturbed(folder: Path, cell_class: str, perturbation: str | None) -> float:
-    """The class' rate (one cell near the centre, or no cell for platelets) under a perturbation."""
-    detector = ThresholdDetector(DetectSettings(cell_diameter=110.0))
-    good = []
-    for path in iter_image_files(folder / cell_class):
-        image = read_image(path)
-        cells = detector(PERTURBATIONS[perturbation](image) if perturbation else image).cells
-        h, w = image.shape[:2]
-        near = [c for c in cells if np.hypot(c.cx - w / 2, c.cy - h / 2) <= CENTRE_RADIUS]
-        good.append(not cells if cell_class == "platelet" else len(near) == 1)
-    return float(np.mean(good))
+    assert pbc_rate(shared_data / "pbc", "platelet") >= 0.95
 
 
 @pytest.mark.parametrize("perturbation", sorted(PERTURBATIONS))
 def test_pbc_platelets_stay_rejected_under_capture_variation(shared_data: Path, perturbation: str) -> None:
-    assert pbc_perturbed(shared_data / "pbc", "platelet", perturbation) >= 0.95
+    assert pbc_rate(shared_data / "pbc", "platelet", perturbation=perturbation) >= 0.95
 
 
 @pytest.mark.parametrize("perturbation", sorted(PERTURBATIONS))
@@ -149,8 +151,8 @@ def test_pbc_small_nuclei_stay_found_under_capture_variation(
     shared_data: Path, cell_class: str, perturbation: str
 ) -> None:
     """Erythroblasts and small lymphocytes are the nuclei the platelet test could take for platelets."""
-    unchanged = pbc_perturbed(shared_data / "pbc", cell_class, None)
-    assert pbc_perturbed(shared_data / "pbc", cell_class, perturbation) >= unchanged - 0.03
+    unchanged = pbc_rate(shared_data / "pbc", cell_class)
+    assert pbc_rate(shared_data / "pbc", cell_class, perturbation=perturbation) >= unchanged - 0.03
 
 
 @pytest.mark.parametrize("perturbation", ["gamma 1.3", "gamma 0.8", "brightness x1.1", "JPEG quality 40"])

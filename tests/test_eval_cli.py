@@ -78,3 +78,44 @@ def test_missing_source_is_one_line_error(tmp_path: Path, capsys: pytest.Capture
     with pytest.raises(SystemExit):
         main(["eval", "detect", str(tmp_path / "none"), "--boxes", str(tmp_path / "b.csv")])
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture
+def centred_folder(tmp_path: Path) -> Path:
+    """Single-cell captures by class: centred, 40 px and 90 px off centre; a platelet folder with no cell."""
+    src = tmp_path / "export"
+    for name in ("lymphocyte", "platelet"):
+        (src / name).mkdir(parents=True)
+    iio.imwrite(src / "lymphocyte" / "centred.png", capture_with_cell(160, 120))
+    iio.imwrite(src / "lymphocyte" / "low.png", capture_with_cell(160, 160))  # its body (r 28) covers the centre
+    iio.imwrite(src / "lymphocyte" / "far.png", capture_with_cell(250, 120))
+    iio.imwrite(src / "platelet" / "empty.png", np.full((240, 320, 3), (250, 235, 212), np.uint8))
+    return src
+
+
+def test_centred_prints_both_readings_per_class(centred_folder: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["eval", "centred", str(centred_folder), "--empty", "platelet", "--cell-diameter", "56", "-v"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "lymphocyte/low.png: fails centroid;" in result.output
+    assert "lymphocyte/far.png: fails centroid and body;" in result.output
+    assert "centroid 0.3333  body 0.6667" in result.output
+    assert "platelet" in result.output and "no cell 1.0000" in result.output
+
+
+def test_centred_radius_decides_what_counts_as_central(centred_folder: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["eval", "centred", str(centred_folder), "--cell-diameter", "56", "--radius", "45", "--json"]
+    )
+    groups = json.loads(result.output)["groups"]
+    assert groups["lymphocyte"]["one_central_centroid"] == pytest.approx(2 / 3)
+    assert groups["platelet"]["one_central_centroid"] == 0.0  # not named --empty: scored as a cell class
+
+
+def test_centred_missing_folder_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "centred", str(tmp_path / "nowhere")])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nowhere" in err and "Traceback" not in err

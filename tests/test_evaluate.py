@@ -9,7 +9,7 @@ import pytest
 
 from cellbatch.detect.base import Cell, Detection
 from cellbatch.errors import InputFormatError, InputNotFoundError
-from cellbatch.evaluate import Box, boxes_for, evaluate_detector, load_boxes, match_centroids
+from cellbatch.evaluate import Box, boxes_for, centred_capture, evaluate_detector, load_boxes, match_centroids
 
 VOC = """<annotation>
   <filename>{name}</filename>
@@ -122,3 +122,21 @@ def test_boxes_that_name_no_image_are_refused(tmp_path: Path) -> None:
     a = write_png(tmp_path / "a.png")
     with pytest.raises(InputFormatError, match="same images"):
         evaluate_detector([a], {"other.png": [Box(0, 0, 1, 1)]}, FixedDetector())
+
+
+def test_centred_capture_reads_within_radius_by_centroid_and_by_body() -> None:
+    # A cell of area 2,500 pi px^2 (radius 50) whose centroid lies 30 px below the centre: it covers the
+    # centre, but its centroid is outside 25 px.
+    cell = Cell(cx=160.0, cy=150.0, area_px=round(2500 * np.pi), nucleus_area_px=0, edge=False)
+    capture = centred_capture("a.png", "neutrophil", Detection(cells=(cell,), labels=np.zeros((1, 1))), (240, 320))
+    assert capture.centroid_px == pytest.approx((30.0,))
+    assert capture.body_px == pytest.approx((-20.0,), abs=0.01)
+    assert capture.central(25.0, "centroid") == 0
+    assert capture.central(25.0, "body") == 1
+
+
+def test_centred_capture_counts_a_far_neighbour_under_neither_reading() -> None:
+    near = Cell(cx=160.0, cy=120.0, area_px=3000, nucleus_area_px=0, edge=False)
+    far = Cell(cx=300.0, cy=120.0, area_px=3000, nucleus_area_px=0, edge=False)
+    capture = centred_capture("b.png", "x", Detection(cells=(near, far), labels=np.zeros((1, 1))), (240, 320))
+    assert capture.central(25.0, "centroid") == capture.central(25.0, "body") == 1

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "synth": ("cellbatch.cli.synth", "synth", "Write synthetic DM-scale captures (and two-optics pairs)."),
     "model": ("cellbatch.cli.model", "model", "Export and inspect TorchScript model files."),
     "normalise": ("cellbatch.cli.normalise", "normalise", "Fit colour-normalisation profiles."),
-    "eval": ("cellbatch.cli.eval", "eval_", "Measure detection against ground-truth boxes."),
+    "eval": ("cellbatch.cli.eval", "eval_", "Measure detection against ground truth (boxes, centred captures)."),
     "check": ("cellbatch.cli.check", "check", "Re-check an existing output with a classifier."),
     "classifier": ("cellbatch.cli.classifier", "classifier", "Train a reference white-cell classifier."),
     "pair": ("cellbatch.cli.pair", "pair", "Pair and align DM1200 and DM96 captures for training."),

@@ -12,7 +12,7 @@ from cellbatch.cli.options import cell_diameter_option, detector_option, json_op
 
 @click.group("eval")
 def eval_() -> None:
-    """Measure detection against ground-truth boxes."""
+    """Measure detection against ground truth: boxes, or captures centred on their cell."""
 
 
 @eval_.command("detect")
@@ -75,3 +75,94 @@ def detect(src: Path, boxes: Path, cell_diameter: float, detector: str, verbose:
                 click.echo(f"{m.name}: false detection at ({x:.0f}, {y:.0f})")
     click.echo(f"images {len(score.images)}  boxes {score.n_boxes}  detections {score.n_detections}  hits {score.hits}")
     click.echo(f"recall {score.recall:.4f}  precision {score.precision:.4f}")
+
+
+@eval_.command("centred")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option(
+    "--empty",
+    "empty_groups",
+    multiple=True,
+    metavar="FOLDER",
+    help="A class folder whose captures hold no white cell (e.g. platelet); scored on finding none. Repeatable.",
+)
+@click.option("--radius", default=25.0, show_default=True, help="Pixels from the image centre that count as central.")
+@cell_diameter_option
+@detector_option
+@click.option("--verbose", "-v", is_flag=True, help="List the captures that fail, with each cell's distances.")
+@json_option
+def centred(
+    src: Path,
+    empty_groups: tuple[str, ...],
+    radius: float,
+    cell_diameter: float,
+    detector: str,
+    verbose: bool,
+    as_json: bool,
+) -> None:
+    """Score the detector on single-cell captures centred on their cell (a CellaVision export, PBC).
+
+    SRC is a folder of captures, usually one subfolder per cell class. Per folder, prints the share of
+    captures with exactly one cell within --radius of the image centre, read two ways: the cell's
+    centroid lies within it ("centroid"), or the cell's body (a disc of its area around its centroid)
+    reaches it ("body"). Folders named by --empty are scored on holding no cell at all.
+    """
+    from cellbatch.detect.base import DetectSettings
+    from cellbatch.errors import InputNotFoundError
+    from cellbatch.evaluate import evaluate_centred
+    from cellbatch.read import iter_image_files
+    from cellbatch.registry import detectors
+
+    if not src.is_dir():
+        raise InputNotFoundError(f"input folder {src} does not exist: pass a folder of single-cell captures")
+    images = list(iter_image_files(src))
+    if not images:
+        raise InputNotFoundError(f"no capture files (.png, .jpg, .tif, .bmp) under {src}")
+    find = detectors.get(detector)(DetectSettings(cell_diameter=cell_diameter))
+    captures = evaluate_centred(images, find)
+
+    groups: dict[str, list] = {}
+    for capture in captures:
+        groups.setdefault(capture.group, []).append(capture)
+    summary = {}
+    failures = []
+    for group, members in sorted(groups.items()):
+        if group in empty_groups:
+            ok = [not c.centroid_px for c in members]
+            summary[group] = {"captures": len(members), "no_cell": sum(ok) / len(members)}
+            failures += [(c, "a cell found") for c, good in zip(members, ok, strict=True) if not good]
+            continue
+        by_centroid = [c.central(radius, "centroid") == 1 for c in members]
+        by_body = [c.central(radius, "body") == 1 for c in members]
+        summary[group] = {
+            "captures": len(members),
+            "one_central_centroid": sum(by_centroid) / len(members),
+            "one_central_body": sum(by_body) / len(members),
+        }
+        for c, cen, body in zip(members, by_centroid, by_body, strict=True):
+            if not (cen and body):
+                failures.append((c, " and ".join(r for r, ok in (("centroid", cen), ("body", body)) if not ok)))
+
+    if as_json:
+        result: dict = {"radius": radius, "detector": detector, "cell_diameter": cell_diameter, "groups": summary}
+        if verbose:
+            result["failures"] = [
+                {"group": c.group, "image": c.name, "fails": why, "centroid_px": c.centroid_px, "body_px": c.body_px}
+                for c, why in failures
+            ]
+        click.echo(json.dumps(result, indent=2))
+        return
+    if verbose:
+        for c, why in failures:
+            centroid = ", ".join(f"{d:.0f}" for d in c.centroid_px)
+            body = ", ".join(f"{d:.0f}" for d in c.body_px)
+            found = f"cells at {centroid} px (body {body} px)" if c.centroid_px else "no cell found"
+            click.echo(f"{c.group}/{c.name}: fails {why}; {found}")
+    for group, figures in summary.items():
+        if "no_cell" in figures:
+            click.echo(f"{group:14s} {figures['captures']:5d} captures  no cell {figures['no_cell']:.4f}")
+        else:
+            click.echo(
+                f"{group:14s} {figures['captures']:5d} captures  one cell within {radius:g} px: "
+                f"centroid {figures['one_central_centroid']:.4f}  body {figures['one_central_body']:.4f}"
+            )
