@@ -184,6 +184,18 @@ def test_erythroblast_with_a_small_dense_nucleus_is_found() -> None:
     assert len(detect(image).cells) == 1
 
 
+def test_small_lymphocyte_below_the_expected_size_is_found() -> None:
+    """A small Wright-stained lymphocyte when the diameter is set for the larger cells of the field.
+
+    BCCD fields at --cell-diameter 200 hold small lymphocytes 90-100 px across, nearly all nucleus.
+    """
+    image = blank((222, 224, 236))
+    disc(image, 320, 240, 0.24 * D, (205, 195, 230))
+    disc(image, 320, 240, 0.185 * D, (122, 100, 222))
+    red_cell(image, 150, 240)
+    assert len(detect(image).cells) == 1
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_crowded_overlapping_red_cells_alone_give_no_cell(seed: int) -> None:
     assert detect(crowded_red_cells(np.random.default_rng(seed))).cells == ()

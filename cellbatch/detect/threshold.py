@@ -68,7 +68,7 @@ SPECK = 0.01  # nucleus fragments smaller than this (D^2) are granules or debris
 
 # Acceptance: nucleus area in squared cell diameters (a round nucleus 0.8 D across has 0.5 D^2).
 # Measured on PBC (MGG; its cells are about 1.3x the 110 px default), BCCD (Wright) and cellbatch.synth.
-MIN_NUCLEUS = 0.12  # below: ordinary platelets, specks of stain precipitate, detached lobes
+MIN_NUCLEUS = 0.10  # below: ordinary platelets, stain specks, detached lobes (BCCD small lymphocyte: 0.12)
 LARGE_NUCLEUS = 0.50  # above: a nucleus whatever its colour (largest PBC giant platelet measured: 0.44)
 PLATELET_RATIO = (0.80, 1.10)  # purple / darkness of MGG platelets; chromatin is darker, Wright bluer
 CELL_BODY = 0.65  # a stained body this large (D^2) around a blob makes it a cell (platelets: 99th pct 0.60)
