@@ -154,7 +154,7 @@ class ThresholdDetector:
         )
 
         density = cv2.GaussianBlur(maps.nucleus.astype(np.float32), (0, 0), DENSITY_SIGMA * d)
-        seeds = _accepted_seeds(_seeds(density, _chromatin_pieces(maps), d), maps, d)
+        seeds = _accepted_seeds(_seeds(density, maps, d), maps, d)
 
         labels = _red_cell_labels(image, white)
         cells: list[Cell] = []
@@ -177,7 +177,7 @@ class ThresholdDetector:
 class _Maps:
     """The per-pixel stain maps of one capture at the working scale."""
 
-    __slots__ = ("nucleus", "stained", "dark", "purple", "balanced", "_red_cell_density")
+    __slots__ = ("nucleus", "stained", "dark", "purple", "balanced", "_red_cell_density", "_chromatin_pieces")
 
     def __init__(
         self, *, nucleus: np.ndarray, stained: np.ndarray, dark: np.ndarray, purple: np.ndarray, balanced: np.ndarray
@@ -185,6 +185,7 @@ class _Maps:
         self.nucleus, self.stained, self.dark, self.purple = nucleus, stained, dark, purple
         self.balanced = balanced
         self._red_cell_density: float | None = None
+        self._chromatin_pieces: np.ndarray | None = None
 
     def red_cell_density(self) -> float:
         """Median optical density (mean of R, G, B) of the stained pixels outside nuclei: mostly red cells."""
@@ -195,6 +196,20 @@ class _Maps:
             else:
                 self._red_cell_density = float(np.median(_density(self.balanced[other]).mean(axis=1)))
         return self._red_cell_density
+
+    def chromatin_pieces(self) -> np.ndarray:
+        """Connected pieces of chromatin (int32 labels, 0 elsewhere): nucleus pixels that absorb red light.
+
+        Lobes of one nucleus are joined by chromatin filaments; two cells that touch are joined, if at
+        all, by cytoplasm, which is nucleus-coloured in some cells but absorbs little red. Computed on
+        first use: most captures never hold two maxima close enough to ask.
+        """
+        if self._chromatin_pieces is None:
+            red_absorbed = 1.0 - self.balanced[..., 0]
+            floor = NUCLEUS_RELATIVE_RED * float(np.percentile(red_absorbed[self.nucleus], 75))
+            chromatin = (self.nucleus & (red_absorbed >= floor)).view(np.uint8)
+            self._chromatin_pieces = cv2.connectedComponents(chromatin, connectivity=8, ltype=cv2.CV_32S)[1]
+        return self._chromatin_pieces
 
 
 def _density(balanced: np.ndarray) -> np.ndarray:
@@ -212,21 +227,7 @@ def _background_colour(small: np.ndarray) -> np.ndarray:
     return np.maximum(white, 1.0)
 
 
-def _chromatin_pieces(maps: _Maps) -> np.ndarray:
-    """Connected pieces of chromatin (int32 labels, 0 elsewhere): nucleus pixels that absorb red light.
-
-    Lobes of one nucleus are joined by chromatin filaments; two cells that touch are joined, if at
-    all, by cytoplasm, which is nucleus-coloured in some cells but absorbs little red.
-    """
-    red_absorbed = 1.0 - maps.balanced[..., 0]
-    if not maps.nucleus.any():
-        return np.zeros(maps.nucleus.shape, np.int32)
-    floor = NUCLEUS_RELATIVE_RED * float(np.percentile(red_absorbed[maps.nucleus], 75))
-    chromatin = maps.nucleus & (red_absorbed >= floor)
-    return cv2.connectedComponents(chromatin.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)[1]
-
-
-def _seeds(density: np.ndarray, pieces: np.ndarray, d: float) -> list[tuple[float, float]]:
+def _seeds(density: np.ndarray, maps: _Maps, d: float) -> list[tuple[float, float]]:
     """One (x, y) per nucleus: density maxima, strongest first, merged when they are lobes of one."""
     size = int(2 * round(PEAK_WINDOW * d / 2) + 1)
     local_max = cv2.dilate(density, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
@@ -238,13 +239,13 @@ def _seeds(density: np.ndarray, pieces: np.ndarray, d: float) -> list[tuple[floa
     kept: list[tuple[float, float, float]] = []
     for i in np.argsort(-values, kind="stable"):
         peak = (float(xs[i]), float(ys[i]), float(values[i]))
-        if not any(_same_nucleus(density, pieces, peak, other, d) for other in kept):
+        if not any(_same_nucleus(density, maps, peak, other, d) for other in kept):
             kept.append(peak)
     return [(x, y) for x, y, _ in kept]
 
 
 def _same_nucleus(
-    density: np.ndarray, pieces: np.ndarray, a: tuple[float, float, float], b: tuple[float, float, float], d: float
+    density: np.ndarray, maps: _Maps, a: tuple[float, float, float], b: tuple[float, float, float], d: float
 ) -> bool:
     """Whether two density maxima ``(x, y, value)`` are lobes of one nucleus rather than two cells.
 
@@ -257,7 +258,7 @@ def _same_nucleus(
         return True
     sigma = DENSITY_SIGMA * d
     span = dist + sum(sigma * np.sqrt(-2.0 * np.log(max(1.0 - v, 1e-3))) for v in (a[2], b[2]))
-    if span <= CONNECTED_SPAN * d and _one_piece(pieces, a, b, sigma):
+    if span <= CONNECTED_SPAN * d and _one_piece(maps.chromatin_pieces(), a, b, sigma):
         return True
     if dist >= VALLEY_DISTANCE * d or span > NUCLEUS_SPAN * d:
         return False
