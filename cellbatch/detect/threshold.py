@@ -13,8 +13,9 @@ Steps, at the working scale (distances in cell diameters ``D``):
    ``0.2 D``: the lobes of one neutrophil melt into one hill, two cells keep two hills.
 3. **Seeds.** Local maxima of the density (a flat top counts once). A weaker maximum joins a
    stronger one nearer than ``0.55 D``, or one within ``0.8 D`` that it reaches without a density
-   valley while the two blobs span at most ``1.5 D``: the lobes of a multilobed nucleus are ONE cell,
-   two touching cells stay two.
+   valley while the two blobs span at most ``1.5 D``, or one whose nearest chromatin (nucleus pixels
+   that absorb red light) is one connected piece with the other's, up to a ``1.9 D`` span: the lobes
+   of a multilobed nucleus are ONE cell, two touching cells stay two.
 4. **Acceptance.** Each seed owns the pixels within ``0.85 D`` that are nearer to it than to any
    other seed, so touching cells are split between their nuclei. Seeds with less nucleus than a
    platelet-sized floor are dropped first (a detached lobe then counts towards its own cell). A seed
@@ -249,7 +250,8 @@ def _same_nucleus(
 ) -> bool:
     """Whether two density maxima ``(x, y, value)`` are lobes of one nucleus rather than two cells.
 
-    Lobes are close, joined without a density valley, and together no wider than one cell holds. A
+    Lobes are close, joined without a density valley (or by a chromatin filament, which lets the far
+    ends of a band neutrophil join), and together no wider than one cell holds. A
     maximum's value tells the size of its blob: a disc of radius r blurred by sigma peaks at
     1 - exp(-r^2 / 2 sigma^2).
     """
