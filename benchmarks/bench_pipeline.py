@@ -24,15 +24,14 @@ import numpy as np
 
 def bench_extract(slide_dir: Path, *, workers: int | None, processes: int, chunk: int) -> tuple[float, np.ndarray, int]:
     from cellbatch.api import dask_client
-    from cellbatch.extract import CaptureRef, ExtractSettings, extract_chunk
+    from cellbatch.extract import ExtractSettings, capture_refs, extract_chunk
     from cellbatch.read import discover_slides
 
-    slide = discover_slides(slide_dir)[0]
-    refs = [CaptureRef(source=p.name, frame=0, path=str(p)) for p in slide.captures]
+    refs = capture_refs(discover_slides(slide_dir)[0])
     with dask_client(None, workers, processes=processes) as client:
-        client.submit(extract_chunk, slide, refs[:1], ExtractSettings(), pure=False).result()  # warm up
+        client.submit(extract_chunk, refs[:1], ExtractSettings(), pure=False).result()  # warm up
         start = time.perf_counter()
-        futures = [client.submit(extract_chunk, slide, refs[i : i + chunk], ExtractSettings(), pure=False)
+        futures = [client.submit(extract_chunk, refs[i : i + chunk], ExtractSettings(), pure=False)
                    for i in range(0, len(refs), chunk)]
         results = [r for f in futures for r in f.result()]
         seconds = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """The whole run: slides in, converted cells and provenance out.
 
-    discover slides -> plan each (hash inputs, skip if unchanged) -> extract chunks as Dask tasks
+    discover slides -> plan each (skip if unchanged) -> extract chunks as Dask tasks (read, hash, detect, crop)
       -> generate in batches -> normalise -> agreement check -> write (atomic per slide)
 
 Extraction futures are kept a fixed number ahead of the consumer across slide boundaries, so the
@@ -10,8 +10,7 @@ loaded once, in this process, which also owns the GPU.
 
 from __future__ import annotations
 
-import os
-import stat
+import json
 import sys
 import time
 from collections import deque
@@ -24,10 +23,9 @@ import numpy as np
 
 from cellbatch import __version__
 from cellbatch.errors import CellbatchError, ExitCode, InputFormatError
-from cellbatch.extract import CaptureRef, CaptureResult, ExtractSettings, extract_chunk
-from cellbatch.modelfile import sha256_file
+from cellbatch.extract import CaptureRef, CaptureResult, ExtractSettings, capture_refs, extract_chunk, hash_captures
 from cellbatch.provenance import content_key, environment, utc_now
-from cellbatch.read import Slide, discover_slides, read_frame, slide_frame_count, validate_slide
+from cellbatch.read import Slide, discover_slides, slide_fingerprint, slide_frame_count, validate_slide
 from cellbatch.safepath import output_dir_for, output_errors
 from cellbatch.write import CELL_COLUMNS, CHECK_COLUMNS, SlideWriter, write_json_atomic
 
@@ -53,7 +51,7 @@ class RunSettings:
 
 @dataclass
 class SlidePlan:
-    """One slide with its inputs hashed and what the run will do with it."""
+    """One slide and what the run will do with it; its inputs' hashes arrive with its extraction results."""
 
     slide: Slide
     name: str  # the output name: relative path below OUT
@@ -62,6 +60,8 @@ class SlidePlan:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     key: str = ""
+    key_settings: dict[str, Any] = field(default_factory=dict)  # content_key's arguments besides the inputs
+    fingerprint: str | None = None  # stat digest of the slide's files, taken before any is decoded
     action: str = "run"  # run | skip | fail
     reason: str = ""
 
@@ -171,6 +171,9 @@ def slide_names(sources: list[Path], *, exclude: tuple[Path, ...] = ()) -> Itera
             yield slide, name
 
 
+HashMap = Callable[[list[list[CaptureRef]]], list[list[dict[str, Any]]] | None]
+
+
 def plan_slide(
     slide: Slide,
     name: str,
@@ -178,96 +181,76 @@ def plan_slide(
     settings: RunSettings,
     key_extra: dict[str, Any],
     *,
-    hash_map: Callable[[Slide, list[list[CaptureRef]]], list[list[dict[str, Any]]]] | None = None,
+    hash_map: HashMap | None = None,
 ) -> SlidePlan:
-    """Hash the slide's inputs and decide: run it, skip it (output complete and unchanged), or fail it.
+    """Decide for one slide: run it, skip it (output complete and unchanged), or fail it.
 
-    ``hash_map`` hashes chunks of captures, in parallel on the Dask workers in a run; by default
-    here, in order.
+    Captures are hashed where they are decoded, in the extraction tasks, so nothing is read twice
+    and provenance names the bytes actually used. A skip is decided without reading a capture when
+    the slide's stat fingerprint equals the one its committed output recorded; only when it differs
+    (inputs copied, touched or changed) are the captures hashed here, by ``hash_map`` (parallel Dask
+    tasks in a run; by default here, in order), to compare their content.
     """
-    plan = SlidePlan(slide=slide, name=name)
+    plan = SlidePlan(slide=slide, name=name, key_settings={"parameters": settings.key_parameters(), **key_extra})
     try:
         plan.out_dir = output_dir_for(out, name)
         validate_slide(slide)
-        if slide.kind == "zarr":
-            plan.refs = [CaptureRef(source=slide.array_path or ".", frame=f, path=str(slide.store))
-                         for f in range(slide_frame_count(slide))]
-        else:
-            plan.refs = [CaptureRef(source=p.relative_to(slide.root).as_posix(), frame=0, path=str(p))
-                         for p in slide.captures]
-        chunks = [plan.refs[i : i + HASH_CHUNK] for i in range(0, len(plan.refs), HASH_CHUNK)]
-        hashed = (hash_map or _hash_here)(slide, chunks)
-        plan.inputs = [entry for chunk in hashed for entry in chunk]
+        plan.fingerprint = slide_fingerprint(slide)
+        plan.refs = capture_refs(slide)
     except CellbatchError as exc:
         plan.action, plan.reason = "fail", str(exc)
         return plan
-    plan.failures = [
-        {"path": i["path"], "frame": i["frame"], "reason": i["error"]} for i in plan.inputs if "error" in i
-    ]
-    readable = [i for i in plan.inputs if "error" not in i]
-    plan.key = content_key(inputs=readable, parameters=settings.key_parameters(), **key_extra)
-    if not settings.force and _output_is_current(plan):
-        plan.action = "skip"
+    plan.inputs = [{"path": r.source, "frame": r.frame, "source": r.source} for r in plan.refs]
+    if not settings.force:
+        plan.key = _key_if_unchanged(plan, hash_map or _hash_here)
+        if plan.key and _output_is_current(plan):
+            plan.action = "skip"
     return plan
 
 
 HASH_CHUNK = 16
 
 
-def hash_captures(slide: Slide, refs: list[CaptureRef]) -> list[dict[str, Any]]:
-    """The Dask task that hashes a chunk of a slide's captures (files, or decoded Zarr frames)."""
-    if slide.kind == "zarr":
-        return [_hash_frame(slide, ref) for ref in refs]
-    return [_hash_file(ref) for ref in refs]
+def _key_if_unchanged(plan: SlidePlan, hash_map: HashMap) -> str:
+    """The slide's content key when it may match its committed output's, else ``""`` (it must run)."""
+    try:
+        committed = json.loads((plan.out_dir / "provenance.json").read_text())
+        recorded = committed["inputs"]
+        listed = [(i["path"], i["frame"]) for i in recorded]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if listed != [(r.source, r.frame) for r in plan.refs]:
+        return ""  # captures added or removed: no need to read any to know
+    if plan.fingerprint is not None and committed.get("input_fingerprint") == plan.fingerprint:
+        inputs = [{"source": i["path"], "frame": i["frame"], "sha256": i.get("sha256")} for i in recorded]
+    else:
+        chunks = [plan.refs[i : i + HASH_CHUNK] for i in range(0, len(plan.refs), HASH_CHUNK)]
+        hashed = hash_map(chunks)
+        if hashed is None:
+            return ""
+        inputs = [entry for chunk in hashed for entry in chunk]
+    return content_key(inputs=inputs, **plan.key_settings)
 
 
-def _hash_here(slide: Slide, chunks: list[list[CaptureRef]]) -> list[list[dict[str, Any]]]:
-    return [hash_captures(slide, refs) for refs in chunks]
+def _hash_here(chunks: list[list[CaptureRef]]) -> list[list[dict[str, Any]]]:
+    return [hash_captures(refs) for refs in chunks]
 
 
-def dask_hash_map(client: Any) -> Callable[[Slide, list[list[CaptureRef]]], list[list[dict[str, Any]]]]:
-    """Hash a slide's chunks of captures as parallel Dask tasks, results in order."""
+def dask_hash_map(client: Any) -> HashMap:
+    """Hash chunks of captures as parallel Dask tasks, results in order; ``None`` if a task is lost."""
 
-    def hash_map(slide: Slide, chunks: list[list[CaptureRef]]) -> list[list[dict[str, Any]]]:
-        futures = [client.submit(hash_captures, slide, refs, pure=False) for refs in chunks]
-        return client.gather(futures)
+    def hash_map(chunks: list[list[CaptureRef]]) -> list[list[dict[str, Any]]] | None:
+        futures = [client.submit(hash_captures, refs, pure=False) for refs in chunks]
+        try:
+            return client.gather(futures)
+        except Exception:  # a lost worker (KilledWorker): redo the slide rather than guess it unchanged
+            client.cancel(futures)
+            return None
 
     return hash_map
 
 
-def _hash_file(ref: CaptureRef) -> dict[str, Any]:
-    """Size and sha256 of a capture file; nothing for one that is not a readable regular file.
-
-    Such a file still goes to extraction, where :func:`cellbatch.read.read_capture` fails it with
-    the reason (broken link, loop, named pipe, ...); hashing must not block on a pipe meanwhile.
-    """
-    entry: dict[str, Any] = {"path": ref.source, "frame": 0, "source": ref.source}
-    try:
-        info = os.stat(ref.path)
-        if stat.S_ISREG(info.st_mode):
-            entry["bytes"] = info.st_size
-            entry["sha256"] = sha256_file(ref.path)
-    except OSError:
-        pass
-    return entry
-
-
-def _hash_frame(slide: Slide, ref: CaptureRef) -> dict[str, Any]:
-    import hashlib
-
-    entry: dict[str, Any] = {"path": ref.source, "frame": ref.frame, "source": ref.source}
-    try:
-        image = read_frame(slide, ref.frame).image
-        entry["bytes"] = int(image.nbytes)
-        entry["sha256"] = hashlib.sha256(image.tobytes()).hexdigest()
-    except CellbatchError as exc:
-        entry["error"] = str(exc)
-    return entry
-
-
 def _output_is_current(plan: SlidePlan) -> bool:
-    import json
-
     prov = plan.out_dir / "provenance.json"
     if not (prov.is_file() and (plan.out_dir / "cells.csv").is_file() and (plan.out_dir / "cells.zarr").is_dir()):
         return False
@@ -293,7 +276,7 @@ def schedule(
     for plan, i, n, refs in jobs():
         future = None
         if refs is not None:
-            future = client.submit(extract_chunk, plan.slide, refs, settings.extract, pure=False)
+            future = client.submit(extract_chunk, refs, settings.extract, pure=False)
         pending.append((plan, i, n, refs, future))
         while len(pending) > window:
             yield _collect(*pending.popleft())
@@ -354,6 +337,7 @@ class SlideRun:
         self.writer = SlideWriter(plan.out_dir, out_root=out, arrays=stages.arrays(size), columns=stages.columns())
         self.check_state = stages.check.start_slide(plan.name) if stages.check is not None else None
         self.cells_per_input: dict[tuple[str, int], int] = {}
+        self._inputs = {(entry["source"], entry["frame"]): entry for entry in plan.inputs}
         self.notes: dict[tuple[str, int], list[str]] = {}
         self._rows: list[dict[str, Any]] = []
         self._crops: list[np.ndarray] = []
@@ -363,6 +347,8 @@ class SlideRun:
         cells = 0
         for r in results:
             key = (r.ref.source, r.ref.frame)
+            if r.sha256 is not None:
+                self._inputs[key].update(bytes=r.bytes, sha256=r.sha256)
             if r.error is not None:
                 self.plan.failures.append({"path": r.ref.source, "frame": r.ref.frame, "reason": r.error})
                 continue
@@ -395,6 +381,7 @@ class SlideRun:
         check = None
         if self.stages.check is not None:
             check = self.stages.check.finish_slide(self.check_state, self.writer.folder)
+        self.plan.key = content_key(inputs=self.plan.inputs, **self.plan.key_settings)
         inputs = []
         for entry in self.plan.inputs:
             key = (entry["source"], entry["frame"])
@@ -407,6 +394,7 @@ class SlideRun:
             **provenance_base,
             "slide": self.plan.name,
             "content_key": self.plan.key,
+            "input_fingerprint": self.plan.fingerprint,
             "cells": self.writer.count,
             "inputs": inputs,
             "failures": self.plan.failures,

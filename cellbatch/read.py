@@ -14,6 +14,8 @@ full decision table.
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import itertools
 import math
 import os
@@ -56,10 +58,22 @@ class ReadLimits:
     max_pixels : int
         Largest accepted width x height. Checked from the file header before decoding, so a file
         that claims 100000 x 100000 pixels is refused without allocating its pixels.
+    max_file_bytes : int
+        Largest accepted capture file. A capture is read into memory once, hashed and decoded from
+        there (so provenance names exactly the bytes decoded); this bounds that read.
+    max_frames : int
+        Most frames one Zarr slide may declare: a slide's plan holds one entry per frame, so a store
+        that declares 10^12 frames must be refused before any is listed.
+    max_chunk_bytes : int
+        Largest decoded Zarr chunk: reading one frame decodes its whole chunk, so one 480x640 frame
+        stored in a 20000x20000 chunk would cost 1.2 GB.
     """
 
     min_side: int = 32
     max_pixels: int = 100_000_000
+    max_file_bytes: int = 1 << 30
+    max_frames: int = 1_000_000
+    max_chunk_bytes: int = 256 << 20
 
 
 DEFAULT_LIMITS = ReadLimits()
@@ -143,26 +157,59 @@ def read_capture(path: str | Path, *, limits: ReadLimits = DEFAULT_LIMITS) -> Ca
     ((480, 640, 3), ())
     """
     path = Path(path)
+    return decode_capture(read_capture_bytes(path, limits=limits), where=display_path(path), limits=limits)
+
+
+def read_capture_bytes(path: str | Path, *, limits: ReadLimits = DEFAULT_LIMITS) -> bytes:
+    """The bytes of one capture file, read once (hash them, then :func:`decode_capture` them).
+
+    Raises
+    ------
+    InputNotFoundError
+        The file or a symlink's target does not exist.
+    InputFormatError
+        Not a regular file, empty, larger than ``limits.max_file_bytes``, or unreadable.
+    """
+    path = Path(path)
     where = display_path(path)
     with _open_regular_file(path, where) as fh:
         try:
-            head = fh.read(16)
-            kind = _sniff(head)
-            if kind is None:
-                raise InputFormatError(
-                    f"{where} is not a PNG, JPEG, BMP or TIFF image (it starts with {head[:8]!r}): "
-                    "remove it from the input or re-export it"
-                )
-            if kind == "TIFF":
-                image, notes = _decode_tiff(fh, where, limits)
-            else:
-                width, height, bits = _HEADER_READERS[kind](fh, where)
-                _check_size(width, height, where, limits)
-                image, notes = _decode_pillow(fh, kind, bits, where)
-        except CellbatchError:
-            raise
-        except (OSError, EOFError, struct.error) as exc:
+            # checked before the read (and after, for a file that grew meanwhile): no giant buffer
+            data = b"" if os.fstat(fh.fileno()).st_size > limits.max_file_bytes else fh.read()
+        except OSError as exc:
             raise InputFormatError(f"{where} could not be read: {_one_line(exc)}") from exc
+    if not data or len(data) > limits.max_file_bytes:
+        raise InputFormatError(
+            f"{where} is larger than {limits.max_file_bytes / 2**20:g} MiB; a capture is about 1 MB: "
+            "remove it from the input"
+        )
+    return data
+
+
+def decode_capture(data: bytes, *, where: str = "capture", limits: ReadLimits = DEFAULT_LIMITS) -> Capture:
+    """Decode a capture file's bytes (PNG, JPEG, BMP or TIFF, recognised by content) to RGB uint8.
+
+    ``where`` names the capture in error messages. See :func:`read_capture` for what is refused.
+    """
+    fh = io.BytesIO(data)
+    try:
+        head = fh.read(16)
+        kind = _sniff(head)
+        if kind is None:
+            raise InputFormatError(
+                f"{where} is not a PNG, JPEG, BMP or TIFF image (it starts with {head[:8]!r}): "
+                "remove it from the input or re-export it"
+            )
+        if kind == "TIFF":
+            image, notes = _decode_tiff(fh, where, limits)
+        else:
+            width, height, bits = _HEADER_READERS[kind](fh, where)
+            _check_size(width, height, where, limits)
+            image, notes = _decode_pillow(fh, kind, bits, where)
+    except CellbatchError:
+        raise
+    except (OSError, EOFError, struct.error) as exc:
+        raise InputFormatError(f"{where} could not be read: {_one_line(exc)}") from exc
     rgb, more = _convert_to_rgb8(image, where)
     return Capture(rgb, (*notes, *more))
 
@@ -503,7 +550,18 @@ def _check_array(array: zarr.Array, where: str, limits: ReadLimits) -> None:
     frames, height, width, _ = array.shape
     if frames == 0:
         raise InputFormatError(f"{where} holds no frames (shape {array.shape})")
+    if frames > limits.max_frames:
+        raise InputFormatError(
+            f"{where} declares {frames} frames, more than the {limits.max_frames} a slide may hold: "
+            "split it into several arrays"
+        )
     _check_size(width, height, f"{where} (each frame)", limits)
+    chunk_bytes = math.prod(array.chunks) * array.dtype.itemsize
+    if chunk_bytes > limits.max_chunk_bytes:
+        raise InputFormatError(
+            f"{where} is stored in chunks of {'x'.join(map(str, array.chunks))} ({chunk_bytes / 2**20:.0f} MiB "
+            f"decoded, limit {limits.max_chunk_bytes / 2**20:g} MiB): rechunk it, e.g. one frame per chunk"
+        )
 
 
 def slide_frame_count(slide: Slide) -> int:
@@ -528,23 +586,36 @@ def read_frame(slide: Slide, index: int, *, limits: ReadLimits = DEFAULT_LIMITS)
     """
     if slide.kind == "dir":
         return read_capture(slide.captures[index], limits=limits)
-    array = open_slide_array(slide)
-    # repeated here (it is cheap) so a caller that skipped validate_slide still cannot allocate a giant frame
-    _check_array(array, _zarr_where(slide), limits)
-    count = array.shape[0]
-    if not 0 <= index < count:
-        raise IndexError(f"frame {index} outside 0..{count - 1} of {_zarr_where(slide)}")
-    where = f"{_zarr_where(slide)} frame {index}"
-    missing = _missing_chunk(array, index)
-    if missing is not None:
-        raise InputFormatError(
-            f"{where} is missing: chunk {missing!r} is absent from the store (copy incomplete?)"
-        )
-    try:
-        frame = np.asarray(array[index])
-    except Exception as exc:  # codecs raise many types for damaged chunk bytes
-        raise InputFormatError(f"{where} could not be decoded ({_one_line(exc)})") from exc
-    return Capture(frame, ())
+    return SlideFrames(slide, limits=limits).read(index)
+
+
+class SlideFrames:
+    """The frames of one Zarr slide, its array opened and checked once for many reads.
+
+    The checks of :func:`validate_slide` run here too (they are cheap), so a caller that skipped
+    validation still cannot allocate a giant frame or chunk.
+    """
+
+    def __init__(self, slide: Slide, *, limits: ReadLimits = DEFAULT_LIMITS) -> None:
+        self.where = _zarr_where(slide)
+        self.array = open_slide_array(slide)
+        _check_array(self.array, self.where, limits)
+
+    def read(self, index: int) -> Capture:
+        count = self.array.shape[0]
+        if not 0 <= index < count:
+            raise IndexError(f"frame {index} outside 0..{count - 1} of {self.where}")
+        where = f"{self.where} frame {index}"
+        missing = _missing_chunk(self.array, index)
+        if missing is not None:
+            raise InputFormatError(
+                f"{where} is missing: chunk {missing!r} is absent from the store (copy incomplete?)"
+            )
+        try:
+            frame = np.asarray(self.array[index])
+        except Exception as exc:  # codecs raise many types for damaged chunk bytes
+            raise InputFormatError(f"{where} could not be decoded ({_one_line(exc)})") from exc
+        return Capture(frame, ())
 
 
 def _missing_chunk(array: zarr.Array, index: int) -> str | None:
@@ -566,6 +637,60 @@ def _missing_chunk(array: zarr.Array, index: int) -> str | None:
 def _zarr_where(slide: Slide) -> str:
     array = f" array {display_path(slide.array_path)!r}" if slide.array_path else ""
     return f"Zarr {display_path(slide.store or slide.root)}{array}"
+
+
+# --- change detection ----------------------------------------------------------------------------
+
+# A file changed within this many seconds before it is stat'ed may change again within the same
+# filesystem timestamp tick, leaving its stat as it was: such a slide gets no fingerprint (as git's
+# "racily clean" entries), and a rerun hashes it instead of trusting the stat.
+RACY_SECONDS = 2.0
+
+
+def slide_fingerprint(slide: Slide) -> str | None:
+    """A digest of the stat (inode, size, mtime, ctime) of every file a slide reads, or ``None``.
+
+    Taken before the slide's captures are decoded, it tells a rerun, without reading a byte, that
+    nothing was written since: every write or replacement moves a file's ctime, which no user can
+    set back. ``None`` when a file changed too recently to trust its stat (see ``RACY_SECONDS``).
+    """
+    import time
+
+    if slide.kind == "dir":
+        files = [(p.name, p) for p in slide.captures]
+    else:
+        files = list(_zarr_files(slide))
+    newest = 0
+    digest = hashlib.sha256()
+    for name, path in files:
+        try:
+            info = os.stat(path)
+            record = f"{info.st_ino} {info.st_size} {info.st_mtime_ns} {info.st_ctime_ns}"
+            newest = max(newest, info.st_mtime_ns, info.st_ctime_ns)
+        except OSError as exc:
+            record = f"error {exc.errno}"
+        digest.update(f"{name}\0{record}\n".encode("utf-8", "surrogateescape"))
+    if time.time_ns() - newest < RACY_SECONDS * 1e9:
+        return None
+    return digest.hexdigest()
+
+
+def _zarr_files(slide: Slide) -> Iterator[tuple[str, Path]]:
+    """The files of a Zarr slide's store that its frames are read from: root metadata and the array's files."""
+    store = slide.store or slide.root
+    if not store.is_dir():
+        yield store.name, store
+        return
+    if slide.array_path:  # the array's own files are walked below; the group's metadata may hold it too
+        for marker in (*ZARR_MARKERS, ".zattrs", ".zmetadata"):
+            if (store / marker).exists():
+                yield marker, store / marker
+    array_dir = store / slide.array_path if slide.array_path else store
+    for dirpath, dirnames, filenames in os.walk(array_dir):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            yield path.relative_to(store).as_posix(), path
 
 
 # --- discovery -----------------------------------------------------------------------------------
