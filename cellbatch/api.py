@@ -57,7 +57,7 @@ def convert(
     """
     from cellbatch.generate import resolve_device
     from cellbatch.lock import RunLock
-    from cellbatch.safepath import check_writable
+    from cellbatch.safepath import check_out_apart, check_writable, output_errors
     from cellbatch.write import clear_staging
 
     source_paths = [Path(s) for s in sources]
@@ -67,6 +67,7 @@ def convert(
     if (reference is not None or min_agreement is not None or classes) and classifier is None:
         raise ConfigError("--reference, --min-agreement and --classes need --classifier CLF.pt")
     out = Path(out)
+    check_out_apart(source_paths, out)
     resolved = resolve_device(device)
     settings = RunSettings(
         extract=ExtractSettings(detector=detector, cell_diameter=cell_diameter, drop_edge=drop_edge),
@@ -86,7 +87,8 @@ def convert(
     with RunLock(out), dask_client(scheduler, workers, processes=processes) as client:
         if scheduler and stages.generator is not None:
             use_gpu_workers(stages, client, device=device, report=report)
-        clear_staging(out)
+        with output_errors(out, doing="prepare the staging folder in"):
+            clear_staging(out)
         provenance = base_provenance(settings, stages, source_paths, out, resolved)
         provenance["command"] = report.command
         key_extra = {

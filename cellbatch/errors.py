@@ -50,3 +50,12 @@ class LockedError(CellbatchError, RuntimeError):
 
 class ConfigError(CellbatchError, ValueError):
     """Options that contradict each other or name an unknown plugin."""
+
+
+class UsageError(CellbatchError, ValueError):
+    """A command line that cannot work as given (OUT is an input, a value no capture could use).
+
+    Exit code 2, like click's own errors for a bad option, but one line without the usage text.
+    """
+
+    exit_code = ExitCode.USAGE

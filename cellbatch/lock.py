@@ -8,6 +8,7 @@ serve the message a second run prints while the first is alive.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -16,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from cellbatch.errors import LockedError
+from cellbatch.errors import LockedError, OutputError
 from cellbatch.safepath import output_error, output_errors
 
 LOCK_NAME = ".cellbatch.lock"
@@ -82,8 +83,7 @@ class RunLock:
         with output_errors(self.out, doing="create the output folder"):
             self.out.mkdir(parents=True, exist_ok=True)
         for _ in range(_ATTEMPTS):
-            with output_errors(self.path, doing="create the lock file"):
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -109,6 +109,18 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
+
+    def _open(self) -> int:
+        # O_NOFOLLOW: a link planted at the lock's name would make the truncate and write below hit
+        # its target, any file the user can write.
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OutputError(
+                    f"{self.path} is a symlink; cellbatch never follows links in OUT: remove it"
+                ) from exc
+            raise output_error(exc, path=self.path, doing="create the lock file") from exc
 
     def release(self) -> None:
         """Remove the lock file and drop the lock; does nothing when the lock is not held."""
@@ -150,6 +162,6 @@ def _read_info(fd: int) -> dict[str, object] | None:
 
 def _is_current(fd: int, path: Path) -> bool:
     try:
-        return os.fstat(fd).st_ino == os.stat(path).st_ino
+        return os.fstat(fd).st_ino == os.lstat(path).st_ino
     except FileNotFoundError:
         return False

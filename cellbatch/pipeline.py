@@ -10,6 +10,7 @@ loaded once, in this process, which also owns the GPU.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -25,8 +26,8 @@ from cellbatch import __version__
 from cellbatch.errors import CellbatchError, ExitCode, InputFormatError
 from cellbatch.extract import CaptureRef, CaptureResult, ExtractSettings, capture_refs, extract_chunk, hash_captures
 from cellbatch.provenance import content_key, environment, utc_now
-from cellbatch.read import Slide, discover_slides, slide_fingerprint, slide_frame_count, validate_slide
-from cellbatch.safepath import output_dir_for, output_errors
+from cellbatch.read import Slide, discover_slides, display_path, slide_fingerprint, slide_frame_count, validate_slide
+from cellbatch.safepath import output_clashes, output_dir_for, output_errors
 from cellbatch.write import CELL_COLUMNS, CHECK_COLUMNS, SlideWriter, write_json_atomic
 
 
@@ -155,13 +156,8 @@ def slide_names(sources: list[Path], *, exclude: tuple[Path, ...] = ()) -> Itera
     One SRC: names are paths relative to it (a SRC that is itself a slide is named after its folder
     or store). Several SRC: each name is prefixed by its SRC's name, numbered when two SRC share one.
     """
-    seen: dict[str, int] = {}
-    for src in sources:
-        prefix = ""
-        if len(sources) > 1:
-            base = src.resolve().name or "input"
-            seen[base] = seen.get(base, 0) + 1
-            prefix = base if seen[base] == 1 else f"{base}-{seen[base]}"
+    prefixes = source_prefixes(sources) if len(sources) > 1 else [""] * len(sources)
+    for src, prefix in zip(sources, prefixes, strict=True):
         for slide in discover_slides(src, exclude=exclude):
             name = slide.name if slide.name != "." else (src.resolve().name or "input")
             if prefix and slide.name != ".":
@@ -169,6 +165,25 @@ def slide_names(sources: list[Path], *, exclude: tuple[Path, ...] = ()) -> Itera
             elif prefix:
                 name = prefix
             yield slide, name
+
+
+def source_prefixes(sources: list[Path]) -> list[str]:
+    """Distinct name prefixes for several SRC: the folder's name, and ``name-2``, ``name-3``, ... for
+    later SRC of the same name, skipping numbers that another SRC is itself called (``x/a y/a z/a-2``
+    gives ``a``, ``a-3``, ``a-2``)."""
+    bases = [src.resolve().name or "input" for src in sources]
+    taken = set(bases)
+    prefixes: list[str] = []
+    for base in bases:
+        if base not in prefixes:
+            prefixes.append(base)
+            continue
+        number = 2
+        while f"{base}-{number}" in taken:
+            number += 1
+        taken.add(f"{base}-{number}")
+        prefixes.append(f"{base}-{number}")
+    return prefixes
 
 
 HashMap = Callable[[list[list[CaptureRef]]], list[list[dict[str, Any]]] | None]
@@ -255,9 +270,11 @@ def _output_is_current(plan: SlidePlan) -> bool:
     if not (prov.is_file() and (plan.out_dir / "cells.csv").is_file() and (plan.out_dir / "cells.zarr").is_dir()):
         return False
     try:
-        return json.loads(prov.read_text()).get("content_key") == plan.key
+        recorded = json.loads(prov.read_text())
     except (OSError, ValueError):
         return False
+    # the slide name too: the folder must hold this slide's results, not another's with the same inputs
+    return isinstance(recorded, dict) and recorded.get("content_key") == plan.key and recorded.get("slide") == plan.name
 
 
 def schedule(
@@ -432,7 +449,12 @@ def run_slides(
     hash_map = dask_hash_map(client)
     listed = list(slide_names(sources, exclude=(out,)))
     on_plan(sum(_capture_count(s) for s, _ in listed), len(listed))
-    plans = (plan_slide(s, n, out, settings, key_extra, hash_map=hash_map) for s, n in listed)
+    clashes = output_clashes(out, [n for _, n in listed], [_input_label(s) for s, _ in listed])
+    plans = (
+        SlidePlan(slide=s, name=n, action="fail", reason=clashes[i]) if i in clashes
+        else plan_slide(s, n, out, settings, key_extra, hash_map=hash_map)
+        for i, (s, n) in enumerate(listed)
+    )
     window = 2 * max(1, _worker_threads(client))
     current: SlideRun | None = None
     for plan, i, n, results in schedule(client, plans, settings, window):
@@ -457,7 +479,7 @@ def run_slides(
                     current = None
                     report.save(every=5.0)
         except CellbatchError as exc:
-            if exc.exit_code == ExitCode.COULD_NOT_RUN and not isinstance(exc, InputFormatError):
+            if _stops_the_run(exc):
                 if current is not None:
                     current.abort()
                 raise
@@ -465,6 +487,19 @@ def run_slides(
             on_progress(0, 0, 1)
             current = None
     return report
+
+
+def _stops_the_run(exc: CellbatchError) -> bool:
+    """A full disk or an unusable model stops the run; a bad input or a name too long fails one slide."""
+    if isinstance(exc, InputFormatError) or exc.exit_code != ExitCode.COULD_NOT_RUN:
+        return False
+    return getattr(exc.__cause__, "errno", None) != errno.ENAMETOOLONG
+
+
+def _input_label(slide: Slide) -> str:
+    if slide.kind == "zarr" and slide.array_path:
+        return display_path(f"{slide.store}/{slide.array_path}")
+    return display_path(slide.root if slide.name == "." else slide.root / slide.name)
 
 
 def _capture_count(slide: Slide) -> int:

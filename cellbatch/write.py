@@ -19,12 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from cellbatch.errors import OutputError
+
 STAGING_DIR = ".cellbatch-staging"
 CELL_COLUMNS = (
     "cell_id", "source", "frame", "x0", "y0", "x1", "y1", "cx", "cy",
     "area_px", "nucleus_area_px", "edge",
 )
 CHECK_COLUMNS = ("class_input", "class_output", "class_reference", "p_output", "agree")
+_STAGING_LABEL_BYTES = 64
 # What a slide folder holds of its own; anything else in it belongs to a nested slide.
 SLIDE_FILES = frozenset({"cells.csv", "cells.zarr", "provenance.json", "confusion.csv", "confusion.png"})
 
@@ -79,12 +82,15 @@ class SlideWriter:
 
         self.final_dir = final_dir
         self.out_root = out_root
-        self.staging = out_root / STAGING_DIR / f"{final_dir.name}-{uuid.uuid4().hex[:12]}"
-        self.staging.mkdir(parents=True)
+        # The slide's name only helps a person reading the staging folder: cut it, so a name near the
+        # 255-byte limit still leaves room for the suffix that keeps concurrent stagings apart.
+        label = final_dir.name.encode("utf-8")[:_STAGING_LABEL_BYTES].decode("utf-8", "ignore")
+        self.staging = _staging_root(out_root) / f"{label}-{uuid.uuid4().hex[:12]}"
+        self.staging.mkdir()
         self.columns = columns
         self.chunk = chunk
         self.count = 0
-        self._csv_file = open(self.staging / "cells.csv", "w", newline="", encoding="utf-8")
+        self._csv_file = open(_create_new(self.staging / "cells.csv"), "w", newline="", encoding="utf-8")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=list(columns), extrasaction="ignore")
         self._csv.writeheader()
         group = zarr.open_group(str(self.staging / "cells.zarr"), mode="w", zarr_format=3)
@@ -192,6 +198,28 @@ def keep_nested_slides(old: Path, new: Path) -> None:
             os.rename(entry, new / entry.name)
 
 
+def _staging_root(out_root: Path) -> Path:
+    """OUT's staging folder, made if missing; a symlink there is refused (see :func:`clear_staging`)."""
+    root = out_root / STAGING_DIR
+    if root.is_symlink():
+        raise OutputError(f"{root} is a symlink; cellbatch never follows links in OUT: remove it")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _create_new(path: Path) -> int:
+    """A descriptor for a new file at ``path``; an existing file or a link planted there is an error."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+
 def clear_staging(out_root: Path) -> None:
-    """Remove what killed runs left in the staging folder (called under the run lock)."""
-    shutil.rmtree(out_root / STAGING_DIR, ignore_errors=True)
+    """Remove the staging folder with what killed runs left in it (called under the run lock).
+
+    A symlink planted at its name is removed, never followed: slides are staged, and replaced
+    results deleted, only inside a real folder of OUT (made again by the next :class:`SlideWriter`).
+    """
+    staging = out_root / STAGING_DIR
+    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+        staging.unlink()
+    else:
+        shutil.rmtree(staging, ignore_errors=True)

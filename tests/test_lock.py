@@ -142,3 +142,15 @@ def test_lock_file_replaced_between_open_and_lock_is_reopened(tmp_path, monkeypa
                 real_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the visible file is the locked one
         finally:
             os.close(fd)
+
+
+def test_a_symlink_planted_at_the_lock_is_refused_and_its_target_left_alone(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(precious, out / LOCK_NAME)
+    with pytest.raises(OutputError, match="is a symlink") as info:
+        RunLock(out).acquire()
+    assert "\n" not in str(info.value)
+    assert precious.read_text() == "keep me"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -275,3 +276,110 @@ def test_several_sources_name_their_slides_apart(tmp_path, cellbatch):
     names = sorted(s["name"] for s in json.loads(out)["slides"])
     assert names == ["day1-2/s", "day1/s", "leaf"]
     assert all((tmp_path / "out" / n / "cells.csv").is_file() for n in names)
+
+
+def _slides(summary: dict) -> list[tuple[str, str]]:
+    return sorted((s["name"], s["status"]) for s in summary["slides"])
+
+
+def test_a_slide_and_a_subfolder_named_like_it_both_fail_with_the_reason(tmp_path, cellbatch):
+    src = tmp_path / "slides"
+    write_slides(src, slides={".": 1, "slides": 1})
+    for _ in range(2):  # the rerun reports the same: nothing is skipped that has no output of its own
+        code, out, _ = cellbatch("run", src, "-o", tmp_path / "out", "--json", *TOY)
+        summary = json.loads(out)
+        assert code == ExitCode.INPUTS_FAILED
+        assert _slides(summary) == [("slides", "failed"), ("slides", "failed")]
+        assert all("would both be written to" in s["reason"] and str(src / "slides") in s["reason"]
+                   for s in summary["slides"])
+    assert not (tmp_path / "out" / "slides").exists()
+
+
+def test_numbered_sources_never_take_another_sources_name(tmp_path, cellbatch):
+    for i, folder in enumerate(["x/a", "y/a", "z/a-2"]):
+        write_slides(tmp_path / folder, slides={".": 1}, seed=i)
+    sources = [tmp_path / "x/a", tmp_path / "y/a", tmp_path / "z/a-2"]
+    code, out, err = cellbatch("run", *sources, "-o", tmp_path / "out", "--json", *TOY)
+    assert code == 0, err
+    names = [s["name"] for s in json.loads(out)["slides"]]
+    assert sorted(names) == ["a", "a-2", "a-3"]
+    for name, src in [("a", "x/a"), ("a-3", "y/a"), ("a-2", "z/a-2")]:
+        prov = json.loads((tmp_path / "out" / name / "provenance.json").read_text())
+        assert prov["slide"] == name and prov["parameters"]["sources"] == [str(s) for s in sources]
+        capture = (tmp_path / src / "capture_000.png").read_bytes()
+        assert prov["inputs"][0]["sha256"] == hashlib.sha256(capture).hexdigest()
+
+
+def test_subfolders_named_like_layout_files_get_their_own_folders(tmp_path, cellbatch):
+    write_slides(tmp_path / "in", slides={"s": 1, "s/cells.csv": 1, "s/cells.zarr": 1, "run.json": 1,
+                                          "provenance.json": 1})
+    code, out, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--json", *TOY)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert all(s["status"] == "done" for s in summary["slides"]) and len(summary["slides"]) == 5
+    assert (tmp_path / "out" / "run.json").is_file()
+    assert (tmp_path / "out" / "s" / "cells.csv").is_file() and (tmp_path / "out" / "s" / "cells.zarr").is_dir()
+    outputs = {Path(s["output"]) for s in summary["slides"]}
+    assert len(outputs) == 5
+    for slide in summary["slides"]:
+        prov = json.loads((Path(slide["output"]) / "provenance.json").read_text())
+        assert prov["slide"] == slide["name"]
+    code, out, _ = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--json", *TOY)
+    assert code == 0 and {s["status"] for s in json.loads(out)["slides"]} == {"skipped"}
+
+
+def test_rerun_redoes_a_slide_whose_folder_holds_another_slides_results(tmp_path, cellbatch):
+    write_slides(tmp_path / "in", slides={"s": 1})
+    assert cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", *TOY)[0] == 0
+    prov_path = tmp_path / "out" / "s" / "provenance.json"
+    prov = json.loads(prov_path.read_text())
+    prov["slide"] = "another slide with the same captures"
+    prov_path.write_text(json.dumps(prov))
+    code, out, _ = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--json", *TOY)
+    assert code == 0 and _slides(json.loads(out)) == [("s", "done")]
+
+
+def test_out_that_is_or_holds_an_input_is_refused_and_no_input_is_touched(tmp_path, cellbatch):
+    write_slides(tmp_path / "in", slides={"s": 2})
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for sources, out in [((tmp_path / "in",), tmp_path / "in"), ((tmp_path / "in" / "s",), tmp_path / "in")]:
+        code, _, err = cellbatch("run", *sources, "-o", out, *TOY)
+        assert code == ExitCode.USAGE and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    code, out, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "in" / "out", "--json", *TOY)
+    assert code == 0, err
+    assert _slides(json.loads(out)) == [("s", "done")]  # OUT inside SRC: allowed, and not read as input
+    code, out, _ = cellbatch("run", tmp_path / "in", "-o", tmp_path / "in" / "out", "--json", *TOY)
+    assert code == 0 and _slides(json.loads(out)) == [("s", "skipped")]
+
+
+def test_a_slide_name_too_long_fails_that_slide_or_is_shortened_never_the_run(tmp_path, cellbatch):
+    # 243 bytes: fits a folder name, but not with the staging suffix main added to it
+    write_slides(tmp_path / "in", slides={"n" * 243: 1, "ok": 1})
+    code, out, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--json", *TOY)
+    assert code == 0, err
+    assert (tmp_path / "out" / ("n" * 243) / "cells.csv").is_file()
+    # an OUT so deep that only the long name overflows PATH_MAX: that slide fails, "ok" is done
+    deep = tmp_path.joinpath(*["d" * 250] * ((3900 - len(str(tmp_path))) // 251))
+    code, out, err = cellbatch("run", tmp_path / "in", "-o", deep, "--json", *TOY)
+    summary = json.loads(out)
+    assert code == ExitCode.INPUTS_FAILED and "Traceback" not in err
+    statuses = dict(_slides(summary))
+    assert statuses == {"n" * 243: "failed", "ok": "done"}
+    reason = next(s["reason"] for s in summary["slides"] if s["status"] == "failed")
+    assert "over the file system's limit" in reason and "\n" not in reason
+
+
+def test_a_symlink_planted_at_the_staging_folder_is_removed_not_followed(tmp_path, cellbatch):
+    write_slides(tmp_path / "in", slides={"s": 1, "t": 1})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep me")
+    assert cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--force", *TOY)[0] == 0
+    (tmp_path / "out" / ".cellbatch-staging").rmdir()
+    os.symlink(elsewhere, tmp_path / "out" / ".cellbatch-staging", target_is_directory=True)
+    code, _, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--force", *TOY)
+    assert code == 0, err
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
+    assert (elsewhere / "keep.txt").read_text() == "keep me"
+    assert not (tmp_path / "out" / ".cellbatch-staging").is_symlink()

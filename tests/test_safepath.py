@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from cellbatch.errors import InputFormatError, OutputError
+from cellbatch.errors import InputFormatError, OutputError, UsageError
 from cellbatch.safepath import (
+    RESERVED_NAMES,
     ROOT_SLIDE_DIR,
+    check_out_apart,
     check_writable,
+    output_clashes,
     output_dir_for,
     output_error,
     output_errors,
@@ -165,3 +168,42 @@ def test_output_error_names_the_path_from_the_error_or_the_argument():
     assert "/x/given" in str(output_error(OSError(errno.EIO, "I/O error"), path="/x/given"))
     unknown = output_error(OSError(errno.ENXIO, os.strerror(errno.ENXIO)), path="/x")
     assert os.strerror(errno.ENXIO) in str(unknown)
+
+
+@pytest.mark.parametrize("name", ["cells.csv", "cells.zarr", "provenance.json", "run.json", "confusion.png",
+                                  "Cells.CSV", ".cellbatch-staging", ".cellbatch.lock", "a_b~c14cddc0"])
+def test_names_of_the_layout_hidden_names_and_changed_lookalikes_get_their_own_names(name):
+    changed = sanitize_component(name)
+    assert changed != name and not changed.startswith(".")
+    assert changed.casefold() not in RESERVED_NAMES
+
+
+def test_a_folder_named_like_a_cleaned_name_keeps_its_own_folder():
+    assert sanitize_component("a/b") != sanitize_component(sanitize_component("a/b"))
+
+
+def test_two_slides_with_one_output_folder_both_get_the_reason(tmp_path):
+    clashes = output_clashes(tmp_path, ["slides", "x", "slides", "y/cells.zarr"],
+                             ["in (SRC)", "in/x", "in/slides", "in/y/cells.zarr"])
+    assert set(clashes) == {0, 2}
+    assert "in (SRC)" in clashes[0] and "in/slides" in clashes[0] and clashes[0] == clashes[2]
+
+
+def test_an_output_path_over_the_file_system_limit_fails_that_slide_only(tmp_path):
+    long = "/".join(["x" * 250] * 17)
+    with pytest.raises(OutputError, match="over the file system's limit") as info:
+        output_dir_for(tmp_path, long)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+    assert output_dir_for(tmp_path, "x" * 250) == tmp_path / ("x" * 250)
+
+
+def test_out_that_is_or_holds_a_source_is_refused_and_out_inside_a_source_is_not(tmp_path):
+    src = tmp_path / "in"
+    (src / "s").mkdir(parents=True)
+    os.symlink(src, tmp_path / "link", target_is_directory=True)
+    for out in (src, tmp_path / "link", tmp_path):
+        with pytest.raises(UsageError) as info:
+            check_out_apart([tmp_path / "elsewhere", src], out)
+        assert info.value.exit_code == 2 and "\n" not in str(info.value)
+    check_out_apart([src], src / "out")
+    check_out_apart([src / "s"], src / "out")
