@@ -19,7 +19,13 @@ def _start(src: Path, out: Path) -> subprocess.Popen:
 
 
 def _slide_dirs(out: Path) -> list[Path]:
-    return sorted(p.parent for p in out.rglob("cells.csv") if STAGING not in p.parts)
+    # A live run renames and removes folders while rglob walks them (pathlib lets that FileNotFoundError
+    # through): look again.
+    while True:
+        try:
+            return sorted(p.parent for p in out.rglob("cells.csv") if STAGING not in p.parts)
+        except FileNotFoundError:
+            time.sleep(0.01)
 
 
 def _files(slide: Path) -> dict[str, bytes]:
