@@ -10,7 +10,6 @@ Examples
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ def convert(
     scheduler: str | None = None,
     workers: int | None = None,
     processes: int = 0,
+    threads: int | None = None,
     force: bool = False,
     command: list[str] | None = None,
     on_progress: Callable[[int, int, int], None] = lambda captures, cells, slides: None,
@@ -55,6 +55,9 @@ def convert(
     raise a :class:`~cellbatch.errors.CellbatchError`; problems with single captures or slides are
     recorded in the returned report (and ``out/run.json``) and the run goes on.
     """
+    from cellbatch.threads import apply_budget, prefer_passive_openmp, thread_budget
+
+    prefer_passive_openmp()  # before torch loads, when convert is the first to import it
     from cellbatch.generate import resolve_device
     from cellbatch.lock import RunLock
     from cellbatch.safepath import check_out_apart, check_writable, output_errors
@@ -69,10 +72,12 @@ def convert(
     out = Path(out)
     check_out_apart(source_paths, out)
     resolved = resolve_device(device)
+    budget = thread_budget(threads, device=resolved, remote=bool(scheduler), workers=workers)
+    apply_budget(budget)
     settings = RunSettings(
         extract=ExtractSettings(detector=detector, cell_diameter=cell_diameter, drop_edge=drop_edge),
         batch_size=batch_size, device=resolved, normalise=tuple(s for s in normalise if s != "none"),
-        force=force, scheduler=scheduler, workers=workers, processes=processes,
+        force=force, scheduler=scheduler, workers=budget.dask_workers, processes=processes, threads=budget.cores,
     )
     stages = load_stages(settings, model=model, model_sha256=model_sha256, classifier=classifier, classes=classes,
                          reference=reference, min_agreement=min_agreement, min_confidence=min_confidence)
@@ -84,7 +89,7 @@ def convert(
             report.notes.append(f"model {model} is UNTRAINED (exported with --untrained): "
                                 "its output is not a conversion")
             on_warning(report.notes[-1])
-    with RunLock(out), dask_client(scheduler, workers, processes=processes) as client:
+    with RunLock(out), dask_client(scheduler, budget.dask_workers, processes=processes) as client:
         if scheduler and stages.generator is not None:
             use_gpu_workers(stages, client, device=device, report=report)
         with output_errors(out, doing="prepare the staging folder in"):
@@ -181,6 +186,8 @@ def dask_client(scheduler: str | None, workers: int | None, *, processes: int = 
     """
     from distributed import Client, LocalCluster
 
+    from cellbatch.threads import available_cores
+
     if scheduler:
         try:
             client = Client(scheduler, timeout="5s")
@@ -196,7 +203,7 @@ def dask_client(scheduler: str | None, workers: int | None, *, processes: int = 
     if processes:
         cluster_args = {"n_workers": processes, "threads_per_worker": 1, "processes": True}
     else:
-        cluster_args = {"n_workers": 1, "threads_per_worker": workers or len(os.sched_getaffinity(0)),
+        cluster_args = {"n_workers": 1, "threads_per_worker": workers or available_cores()[0],
                         "processes": False}
     # Port 0: the scheduler's HTTP endpoint takes any free port, so concurrent runs never collide.
     with LocalCluster(**cluster_args, dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \

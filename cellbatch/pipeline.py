@@ -44,6 +44,7 @@ class RunSettings:
     scheduler: str | None = None
     workers: int | None = None
     processes: int = 0
+    threads: int | None = None  # cores the run's thread budget shared out (cellbatch.threads)
 
     def key_parameters(self) -> dict[str, Any]:
         """The settings that change a slide's bytes (device and scheduling do not, on CPU)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cellbatch.cli.options import device_option, json_option, quiet_option
+from cellbatch.cli.options import device_option, json_option, quiet_option, threads_option, use_threads
 
 
 @click.group()
@@ -37,6 +37,7 @@ def classifier() -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
+@threads_option
 @json_option
 @quiet_option
 def train(
@@ -48,6 +49,7 @@ def train(
     val_fraction: float,
     seed: int,
     device: str,
+    threads: int | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -59,6 +61,7 @@ def train(
     """
     from dataclasses import asdict
 
+    use_threads(threads, command="classifier", device=device)
     from cellbatch.generate import resolve_device
     from cellbatch.models.classifier import TrainSettings, export_classifier, image_folder, train_classifier
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cellbatch.cli.options import cell_diameter_option, detector_option, json_option
+from cellbatch.cli.options import cell_diameter_option, detector_option, json_option, threads_option, use_threads
 
 
 @click.group("normalise")
@@ -41,6 +41,7 @@ def normalise() -> None:
 @cell_diameter_option
 @detector_option
 @click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Use at most N captures of each set.")
+@threads_option
 @json_option
 def fit(
     source: Path | None,
@@ -50,6 +51,7 @@ def fit(
     cell_diameter: float,
     detector: str,
     limit: int | None,
+    threads: int | None,
     as_json: bool,
 ) -> None:
     """Fit a profile from --source and --target captures; write it to --out.
@@ -63,6 +65,7 @@ def fit(
       cellbatch normalise fit --source dm1200/ --target dm96/ --out hm.json
       cellbatch run captures/ --normalise hm:hm.json --normalise display
     """
+    use_threads(threads, command="fit")
     from cellbatch.modelfile import sha256_file
     from cellbatch.normalise.fit import fit_profile_files
 

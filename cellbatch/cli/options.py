@@ -41,6 +41,24 @@ def device_option(f: F) -> F:
     )(f)
 
 
+def threads_option(f: F) -> F:
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Cores to use (default: those this process may run on: affinity and cgroup quota). "
+        "Torch, OpenCV and the CPU-stage workers share them; OMP_NUM_THREADS caps torch and OpenCV.",
+    )(f)
+
+
+def use_threads(threads: int | None, *, command: str, device: str = "cpu") -> None:
+    """Apply the thread budget of a command without a Dask stage (``train``, ``classifier``, ``fit``)."""
+    from cellbatch.threads import apply_budget, thread_budget
+
+    apply_budget(thread_budget(threads, command=command, device=device))
+
+
 def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")(f)
 

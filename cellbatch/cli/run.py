@@ -18,6 +18,7 @@ from cellbatch.cli.options import (
     device_option,
     json_option,
     quiet_option,
+    threads_option,
 )
 
 
@@ -38,7 +39,9 @@ from cellbatch.cli.options import (
 @click.option("--classifier", type=click.Path(path_type=Path), help="TorchScript classifier for the agreement check.")
 @agreement_options
 @click.option("--scheduler", metavar="ADDRESS", help="Run the CPU stages on an existing Dask cluster (tcp://HOST:PORT).")
-@click.option("--workers", type=click.IntRange(min=1), help="Local threads for the CPU stages (default: all cores).")
+@threads_option
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Local threads for the CPU stages (default: one per core of --threads).")
 @click.option("--processes", type=click.IntRange(min=0), default=0, show_default=True,
               help="Run the CPU stages in N local worker processes instead of threads (scales on many cores).")
 @click.option("--force", is_flag=True, help="Redo every slide, even those whose output is complete and unchanged.")

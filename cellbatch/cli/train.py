@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cellbatch.cli.options import device_option, json_option, quiet_option
+from cellbatch.cli.options import device_option, json_option, quiet_option, threads_option, use_threads
 from cellbatch.errors import ConfigError
 
 SETUP_NAMES = ("l1net", "l1gan", "ccgan", "pcnet")
@@ -80,6 +80,7 @@ def _parse_weights(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (GPU).")
 @device_option
+@threads_option
 @quiet_option
 @json_option
 def train(
@@ -107,6 +108,7 @@ def train(
     seed: int,
     bf16: bool,
     device: str,
+    threads: int | None,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -118,6 +120,7 @@ def train(
     """
     import json
 
+    use_threads(threads, command="train", device=device)
     from cellbatch.train.loop import TrainSettings
     from cellbatch.train.loop import train as run_training
 

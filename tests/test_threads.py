@@ -1,0 +1,111 @@
+"""One thread budget for every command: where the core count comes from and how it is shared out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cellbatch.threads import available_cores, cgroup_cpu_quota, omp_threads, thread_budget
+
+FOUR = {0, 1, 2, 3}
+
+
+def v2(tmp_path: Path, limits: dict[str, str], path: str = "/user.slice/job") -> dict:
+    root = tmp_path / "cgroup"
+    for folder, limit in limits.items():
+        (root / folder.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        (root / folder.lstrip("/") / "cpu.max").write_text(limit + "\n")
+    (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(f"0::{path}\n")
+    return {"cgroup_root": root, "proc_cgroup": proc}
+
+
+def test_affinity_gives_the_cores_without_a_quota(tmp_path):
+    files = v2(tmp_path, {"/": "max 100000"})
+    assert available_cores(affinity=FOUR, **files) == (4, "affinity")
+
+
+def test_cgroup_v2_quota_lowers_the_cores_rounded_up(tmp_path):
+    files = v2(tmp_path, {"/user.slice/job": "150000 100000"})
+    assert cgroup_cpu_quota(**files) == 2
+    assert available_cores(affinity=FOUR, **files) == (2, "cgroup")
+
+
+def test_a_parent_cgroup_limit_applies_to_its_children(tmp_path):
+    files = v2(tmp_path, {"/user.slice": "100000 100000", "/user.slice/job": "max 100000"})
+    assert available_cores(affinity=FOUR, **files) == (1, "cgroup")
+
+
+def test_a_quota_above_the_affinity_changes_nothing(tmp_path):
+    files = v2(tmp_path, {"/user.slice/job": "800000 100000"})
+    assert available_cores(affinity=FOUR, **files) == (4, "affinity")
+
+
+def test_cgroup_v1_quota_is_read(tmp_path):
+    root = tmp_path / "cgroup"
+    folder = root / "cpu,cpuacct" / "docker" / "abc"
+    folder.mkdir(parents=True)
+    (folder / "cpu.cfs_quota_us").write_text("300000\n")
+    (folder / "cpu.cfs_period_us").write_text("100000\n")
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n")
+    assert cgroup_cpu_quota(cgroup_root=root, proc_cgroup=proc) == 3
+    (folder / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(cgroup_root=root, proc_cgroup=proc) is None
+
+
+def test_unreadable_cgroup_files_mean_no_quota(tmp_path):
+    assert cgroup_cpu_quota(cgroup_root=tmp_path / "absent", proc_cgroup=tmp_path / "absent") is None
+
+
+def test_threads_option_wins_over_affinity_and_quota(tmp_path):
+    files = v2(tmp_path, {"/user.slice/job": "100000 100000"})
+    assert available_cores(3, affinity=FOUR, **files) == (3, "--threads")
+    with pytest.raises(ValueError):
+        available_cores(0)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("4,2", 4), ("", None), ("0", None), ("x", None)])
+def test_omp_num_threads_is_parsed(value, expected):
+    assert omp_threads({"OMP_NUM_THREADS": value}) == expected
+
+
+def test_run_shares_the_cores_between_the_cpu_stage_and_torch(tmp_path):
+    files = v2(tmp_path, {"/": "max 100000"})
+    cpu = thread_budget(command="run", device="cpu", environ={}, affinity=set(range(8)), **files)
+    assert (cpu.cores, cpu.dask_workers, cpu.torch, cpu.opencv) == (8, 8, 4, 1)
+    gpu = thread_budget(command="run", device="cuda:0", environ={}, affinity=set(range(8)), **files)
+    assert (gpu.dask_workers, gpu.torch) == (8, 1)
+    remote = thread_budget(command="run", remote=True, environ={}, affinity=set(range(8)), **files)
+    assert (remote.dask_workers, remote.torch, remote.opencv) == (0, 8, 8)
+    two = thread_budget(command="run", environ={}, affinity={0, 1}, **files)
+    assert (two.dask_workers, two.torch) == (2, 1)  # what OMP_NUM_THREADS=1 gave by hand, measured 2x faster
+    assert thread_budget(command="run", workers=3, environ={}, affinity=FOUR, **files).dask_workers == 3
+
+
+def test_omp_num_threads_caps_torch_and_opencv_not_the_workers(tmp_path):
+    files = v2(tmp_path, {"/": "max 100000"})
+    train = thread_budget(command="train", environ={"OMP_NUM_THREADS": "2"}, affinity=set(range(8)), **files)
+    assert (train.torch, train.opencv, train.dask_workers) == (2, 2, 0)
+    run = thread_budget(command="run", environ={"OMP_NUM_THREADS": "1"}, affinity=set(range(8)), **files)
+    assert (run.torch, run.dask_workers) == (1, 8)
+    option = thread_budget(6, command="train", environ={"OMP_NUM_THREADS": "2"}, affinity=FOUR, **files)
+    assert (option.cores, option.source, option.torch) == (6, "--threads", 2)
+
+
+def test_run_records_the_budget_and_uses_it(tmp_path):
+    from cellbatch.api import convert
+    from cellbatch.registry import detectors
+    from tests.scenes import DarkBlobDetector, write_slides
+
+    detectors.register("blobs", DarkBlobDetector)
+    write_slides(tmp_path / "in", slides={"s": 1})
+    convert([tmp_path / "in"], tmp_path / "out", detector="blobs", cell_diameter=60.0, device="cpu", threads=1)
+    parameters = json.loads((tmp_path / "out" / "s" / "provenance.json").read_text())["parameters"]
+    assert (parameters["threads"], parameters["workers"]) == (1, 1)
+    import torch
+
+    assert torch.get_num_threads() == 1
