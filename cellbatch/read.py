@@ -618,6 +618,34 @@ class SlideFrames:
         return Capture(frame, ())
 
 
+def absent_frames(slide: Slide) -> list[int]:
+    """Frames of a Zarr slide whose chunks (or shards) are absent from the store, listing the store once.
+
+    Asking the store frame by frame costs a query each: an array declaring 10^5 frames with two
+    present took 110 s. :meth:`SlideFrames.read` still checks each frame it reads.
+    """
+    from zarr.core.sync import sync
+
+    array = open_slide_array(slide)
+    grid = array.shards or array.chunks
+    store = array.store_path.store
+    prefix = array.store_path.path
+
+    async def listed() -> set[str]:
+        return {key async for key in store.list_prefix(prefix)}
+
+    present = sync(listed())
+    rest = list(itertools.product(*(range(math.ceil(size / step))
+                                    for size, step in zip(array.shape[1:], grid[1:], strict=True))))
+    frames = array.shape[0]
+    absent: list[int] = []
+    for first in range(0, frames, grid[0]):
+        keys = (array.metadata.encode_chunk_key((first // grid[0], *r)) for r in rest)
+        if any((f"{prefix}/{key}" if prefix else key) not in present for key in keys):
+            absent.extend(range(first, min(frames, first + grid[0])))
+    return absent
+
+
 def _missing_chunk(array: zarr.Array, index: int) -> str | None:
     """Store key of the first chunk (or shard) of frame ``index`` that is absent, else None."""
     from zarr.core.sync import sync

@@ -46,3 +46,19 @@ def test_bounded_slides_fail_alone_and_the_run_ends_with_run_json(tmp_path):
     assert {s.name: s.status for s in report.slides} == {"good": "done", "huge": "failed", "chunky": "failed"}
     saved = json.loads((tmp_path / "out" / "run.json").read_text())
     assert saved["exit_code"] == ExitCode.INPUTS_FAILED
+
+
+def test_a_hundred_thousand_absent_frames_are_one_failure_line(tmp_path):
+    rng = np.random.default_rng(1)
+    array = zarr.create_array(str(tmp_path / "sparse.zarr"), shape=(10**5, 240, 320, 3), chunks=(1, 240, 320, 3),
+                              dtype="u1")
+    array[0] = scene(rng, centres=[(160, 120)])
+    array[1] = scene(rng, centres=[(100, 100)])
+    report = convert([tmp_path / "sparse.zarr"], tmp_path / "out", detector="blobs", cell_diameter=60.0,
+                     device="cpu", workers=1)
+    (slide,) = report.slides
+    assert (slide.status, slide.failed_captures, slide.cells) == ("done", 10**5 - 2, 2)
+    saved = (tmp_path / "out" / "run.json").read_text()
+    assert len(saved) < 20_000
+    (failure,) = json.loads(saved)["failures"]
+    assert "frames 2-99999 (99998 frames) missing" in failure["reason"]
