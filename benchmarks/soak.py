@@ -1,10 +1,16 @@
 """Soak: 20,000 synthetic captures through the CPU path; peak RSS must stay flat as input grows.
 
-Writes a pool of distinct synthetic captures once, then hard-links them under many slide folders
-(so 20,000 captures cost the disk space of the pool), runs ``cellbatch.api.convert`` in this
-process, and prints peak and current RSS when 1k, 5k and 20k captures are done.
+Writes a pool of distinct synthetic captures once, then hard-links them under slide folders of
+``--per-slide`` captures (so 20,000 captures cost the disk space of the pool), runs
+``cellbatch.api.convert`` in this process, and prints peak and current RSS when 1k, 5k and 20k
+captures are done, and the captures/s after the first checkpoint.
 
-    python benchmarks/soak.py --captures 20000 [--model MODEL.pt] [--keep DIR]
+``--layouts 100,20000`` runs each layout in its own process (so each peak RSS is its own) and
+compares them: 200 slides of 100 against one slide of 20,000 captures, which must run at the same
+captures/s with the same flat memory (a task carries its capture references, not the slide).
+
+    python benchmarks/soak.py --captures 20000 [--per-slide 100] [--model MODEL.pt] [--keep DIR]
+    python benchmarks/soak.py --captures 20000 --layouts 100,20000
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import argparse
 import json
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +57,11 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="1000,5000,20000")
     parser.add_argument("--model", type=Path, help="generator to run too (default: none, read/detect/crop/write)")
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
+    parser.add_argument("--layouts", help="captures per slide to compare, each in its own process, e.g. 100,20000")
     args = parser.parse_args()
+    if args.layouts:
+        compare_layouts(args)
+        return
 
     from cellbatch.api import convert
 
@@ -72,10 +84,35 @@ def main() -> None:
 
         report = convert([src], root / "out", model=args.model, device="cpu", on_progress=on_progress,
                          command=["soak"])
-    print(json.dumps({"captures": args.captures, "cells": sum(s.cells for s in report.slides),
+    steady = readings[-1]["captures"] - readings[0]["captures"] if len(readings) > 1 else 0
+    print(json.dumps({"captures": args.captures, "per_slide": args.per_slide, "slides": len(report.slides),
+                      "cells": sum(s.cells for s in report.slides),
                       "exit_code": report.exit_code, "readings": readings,
+                      "captures_per_s_after_first_checkpoint": round(
+                          steady / (readings[-1]["seconds"] - readings[0]["seconds"]), 1) if steady else None,
                       "peak_growth_1k_to_last": round(readings[-1]["peak_rss_mib"] / readings[0]["peak_rss_mib"], 3)
                       if readings else None}, indent=2))
+
+
+def compare_layouts(args: argparse.Namespace) -> None:
+    """Run each layout in a child process and print its captures/s and peak RSS side by side."""
+    rows = []
+    for per_slide in (int(n) for n in args.layouts.split(",")):
+        command = [sys.executable, __file__, "--captures", str(args.captures), "--pool", str(args.pool),
+                   "--per-slide", str(per_slide), "--checkpoints", args.checkpoints]
+        if args.model:
+            command += ["--model", str(args.model)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        result = json.loads(output[output.index("{\n"):])
+        rows.append({"per_slide": per_slide, "slides": result["slides"], "seconds": result["readings"][-1]["seconds"],
+                     "captures_per_s": result["captures_per_s_after_first_checkpoint"],
+                     "peak_rss_mib": [r["peak_rss_mib"] for r in result["readings"]],
+                     "peak_growth": result["peak_growth_1k_to_last"]})
+        print(json.dumps(rows[-1]), flush=True)
+    first, last = rows[0], rows[-1]
+    print(json.dumps({"load_average": os.getloadavg(), "layouts": rows,
+                      f"captures_per_s_{last['per_slide']}_over_{first['per_slide']}": round(
+                          last["captures_per_s"] / first["captures_per_s"], 3)}, indent=2))
 
 
 if __name__ == "__main__":
