@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cellbatch.errors import InputNotFoundError, ModelError
+from cellbatch.modelschema import MAX_METADATA_BYTES, parse_metadata
 
 METADATA_NAME = "cellbatch.json"
 
@@ -58,23 +59,44 @@ def save_model(module: Any, path: str | Path, metadata: dict[str, Any]) -> Path:
     meta = dict(metadata)
     meta.setdefault("torch_version", torch.__version__)
     path = Path(path)
+    text = json.dumps(meta, indent=2)
+    parse_metadata(text.encode(), source=path)  # never write a file that loading would refuse
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is the contract (DESIGN.md)
-        torch.jit.save(module, str(path), _extra_files={METADATA_NAME: json.dumps(meta, indent=2)})
+        torch.jit.save(module, str(path), _extra_files={METADATA_NAME: text})
     return path
 
 
 def read_metadata(path: str | Path) -> dict[str, Any] | None:
-    """``cellbatch.json`` of a model file without loading the graph (``None`` when absent)."""
+    """``cellbatch.json`` of a model file without loading the graph (``None`` when absent).
+
+    The document is validated (:mod:`cellbatch.modelschema`) and read with a size bound, so a file
+    whose metadata is malformed, or inflates to gigabytes, is refused with one line before torch sees it.
+    """
+    raw = read_extra_file(path, METADATA_NAME, limit=MAX_METADATA_BYTES)
+    return None if raw is None else parse_metadata(raw, source=path)
+
+
+def read_extra_file(path: str | Path, name: str, *, limit: int) -> bytes | None:
+    """The bytes of extra file ``name`` of a TorchScript archive, at most ``limit`` (``None`` when absent)."""
     try:
         with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():
-                if name.endswith("/extra/" + METADATA_NAME):
-                    return json.loads(zf.read(name))
-    except (zipfile.BadZipFile, OSError, json.JSONDecodeError):
-        return None
-    return None
+            member = next((i for i in zf.infolist() if i.filename.endswith("/extra/" + name)), None)
+            if member is None:
+                return None
+            if member.file_size > limit:
+                raise ModelError(
+                    f"{path}: {name} inflates to {member.file_size:,} bytes, over the {limit:,}-byte limit: "
+                    "this is not a file cellbatch wrote; re-export the model"
+                )
+            with zf.open(member) as fh:
+                raw = fh.read(limit + 1)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ModelError(f"{path}: {name} cannot be read ({type(exc).__name__}): the file is damaged") from exc
+    if len(raw) > limit:
+        raise ModelError(f"{path}: {name} is over the {limit:,}-byte limit: re-export the model")
+    return raw
 
 
 def load_model(
@@ -106,11 +128,10 @@ def load_model(
             "or torch.jit.save (a plain state dict is not enough)"
         )
     stored = read_metadata(path)
-    extra = {METADATA_NAME: ""}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+            module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # torch raises RuntimeError, ValueError, ... for unreadable graphs
         saved_by = (stored or {}).get("torch_version", "an unknown torch")
         raise ModelError(
