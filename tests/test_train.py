@@ -256,3 +256,32 @@ def test_unpaired_images_smaller_than_the_crop_are_refused(pairs: Path, tmp_path
             tmp_path / "run",
             device="cpu",
         )
+
+
+class _WritesAFile:
+    """Unpickling this runs code: it would create the file named in ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('payload ran')",))
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_its_payload(pairs: Path, tmp_path: Path) -> None:
+    from cellbatch.cli import main
+
+    run = tmp_path / "run"
+    train(_settings(pairs, "l1net"), run, device="cpu", progress=False)
+    path = latest_checkpoint(run)
+    state = torch.load(path, weights_only=True)
+    marker = tmp_path / "pwned"
+    torch.save({**state, "extra": _WritesAFile(marker)}, path)
+    with pytest.raises(InputFormatError, match="does not unpickle"):
+        load_checkpoint(path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["model", "export", str(run), "--out", str(tmp_path / "g.pt")])
+    assert exit_info.value.code == 3
+    with pytest.raises(InputFormatError):
+        train(_settings(pairs, "l1net", steps=4), run, device="cpu", progress=False, resume=True)
+    assert not marker.exists()

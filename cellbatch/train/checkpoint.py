@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (tensors on the CPU)."""
     import torch
 
+    # weights_only: tensors and plain data only. Unpickling anything else could run code hidden in
+    # the file; everything a checkpoint needs (settings, RNG states, optimiser state) is plain data.
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputFormatError(
+            f"checkpoint {path} holds Python objects other than tensors and plain data; cellbatch does not "
+            "unpickle them (that can run code): use a checkpoint written by `cellbatch train`"
+        ) from exc
     except Exception as exc:  # a truncated or foreign file
         raise InputFormatError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}): delete it and resume"
