@@ -96,7 +96,8 @@ def main() -> None:
         write_synth(tmp_path / "synth", count=args.captures, seed=0, looks=("dm1200",))
         slide_dir = tmp_path / "synth" / "dm1200"
         net = untrained_generator(base_filters=args.base_filters, seed=0)
-        model = export_generator(net, tmp_path / "model.pt", metadata=generator_metadata(net, trained=False))
+        meta = generator_metadata(net, trained=False)
+        model = export_generator(net, tmp_path / "model.pt", metadata=meta)["torchscript"]
         extract_s, crops, n_captures = bench_extract(slide_dir, workers=args.workers, processes=args.processes,
                                                      chunk=4)
         n_cells = len(crops)

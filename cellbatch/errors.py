@@ -59,3 +59,7 @@ class UsageError(CellbatchError, ValueError):
     """
 
     exit_code = ExitCode.USAGE
+
+
+class TorchScriptDeprecated(UserWarning):
+    """Not an error: said once per process when torch warns that TorchScript (torch.jit) is deprecated."""

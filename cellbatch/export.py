@@ -1,4 +1,4 @@
-"""Export a generator as a TorchScript model file (contract: DESIGN.md "Model files").
+"""Export a generator as model files: TorchScript and/or ONNX, each with a self-test (docs/model-files.md).
 
 The module is traced and frozen in eval mode rather than scripted: a traced graph holds only plain
 aten operators (a scripted ``F.interpolate`` drags in Python-level control flow that older torch
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cellbatch.errors import InputNotFoundError, ModelError
-from cellbatch.modelfile import save_model
+from cellbatch.modelfile import ONNX_SUFFIX, load_model, save_model, torchscript_calls
 from cellbatch.models.generator import ARCHITECTURE, TILE_MULTIPLE, UNetGenerator, count_parameters
 from cellbatch.train.checkpoint import (
     SETTINGS_NAME,
@@ -37,9 +37,9 @@ def trace_generator(generator: torch.nn.Module, *, size: int = TRACE_SIZE) -> to
     """Trace ``generator`` on a (1, 3, size, size) input in eval mode and freeze the result."""
     generator = generator.eval().cpu()
     example = torch.zeros(1, 3, size, size)
-    with torch.no_grad():
+    with torch.no_grad(), torchscript_calls():
         traced = torch.jit.trace(generator, example, check_trace=False)
-    return torch.jit.freeze(traced.eval())
+        return torch.jit.freeze(traced.eval())
 
 
 def check_traced(
@@ -99,6 +99,9 @@ def generator_metadata(
     }
 
 
+FORMATS = ("torchscript", "onnx")
+
+
 def export_generator(
     generator: UNetGenerator,
     path: str | Path,
@@ -106,19 +109,64 @@ def export_generator(
     metadata: Mapping[str, Any],
     trace_size: int = TRACE_SIZE,
     check_sizes: Sequence[int] = CHECK_SIZES,
-) -> Path:
-    """Trace, freeze, check at other sizes and save ``generator`` with ``metadata``.
+    formats: Sequence[str] = ("torchscript",),
+) -> dict[str, Path]:
+    """Trace, freeze, check at other sizes and write ``generator`` with ``metadata`` in ``formats``.
+
+    Returns the written files by format (``path`` with suffix ``.pt`` and ``.onnx``).
 
     Examples
     --------
     >>> g = untrained_generator(base_filters=4, seed=0)
     >>> export_generator(g, "g.pt", metadata=generator_metadata(g, trained=False))  # doctest: +SKIP
+    {'torchscript': PosixPath('g.pt')}
     """
     traced = trace_generator(generator, size=trace_size)
     worst = check_traced(traced, generator, sizes=check_sizes)
     trace = {"size": trace_size, "checked_sizes": list(check_sizes), "max_abs_diff": worst}
     meta = {**metadata, "trace": trace}
-    return save_model(traced, path, meta)
+    return write_model_files(traced, path, metadata=meta, formats=formats, example_size=trace_size)
+
+
+def write_model_files(
+    module: Any,
+    path: str | Path,
+    *,
+    metadata: Mapping[str, Any],
+    formats: Sequence[str],
+    example_size: int,
+    selftest: tuple[bytes, dict[str, Any]] | None = None,
+) -> dict[str, Path]:
+    """Write a traced TorchScript ``module`` as each of ``formats``, all carrying one self-test.
+
+    The self-test is the module's own fp32 CPU output on the fixed crops (or ``selftest``, kept from an
+    older file by ``convert``); each file written is loaded back and must pass it, so an ONNX file that
+    disagrees with the TorchScript graph beyond the tolerance is never left behind.
+    """
+    from cellbatch.selftest import make_selftest
+
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ModelError(f"unknown model format {unknown}: choose from {', '.join(FORMATS)}")
+    raw, entry = selftest if selftest is not None else make_selftest(module, metadata)
+    meta = {**metadata, "self_test": entry}
+    path = Path(path)
+    written: dict[str, Path] = {}
+    if "torchscript" in formats:
+        written["torchscript"] = save_model(module, path.with_suffix(".pt"), meta, selftest=raw)
+    if "onnx" in formats:
+        from cellbatch.onnxfile import export_onnx
+
+        written["onnx"] = export_onnx(
+            module, path.with_suffix(ONNX_SUFFIX), metadata=meta, selftest=raw, example_size=example_size
+        )
+    for written_path in written.values():
+        try:
+            load_model(written_path, kind=meta["kind"])
+        except ModelError:
+            written_path.unlink()
+            raise
+    return written
 
 
 def untrained_generator(*, base_filters: int, seed: int) -> UNetGenerator:

@@ -1,23 +1,28 @@
-"""TorchScript model files with embedded ``cellbatch.json`` metadata (contract: DESIGN.md, README).
+"""Model files: TorchScript or ONNX weights + ``cellbatch.json`` + a self-test (contract: docs/model-files.md).
 
-Saving and loading live together so the metadata written by ``cellbatch model export`` and
-``cellbatch classifier train`` is exactly what ``cellbatch run`` reads.
+Saving and loading live together so what ``cellbatch model export`` and ``cellbatch classifier train``
+write is exactly what ``cellbatch run`` reads. Every load validates the metadata, then runs the file's
+self-test on the device in use (:mod:`cellbatch.selftest`) before anything else touches the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cellbatch.errors import InputNotFoundError, ModelError
+from cellbatch.errors import InputNotFoundError, ModelError, TorchScriptDeprecated
 from cellbatch.modelschema import MAX_METADATA_BYTES, parse_metadata
+from cellbatch.selftest import MAX_SELFTEST_BYTES, SELFTEST_NAME, run_selftest
 
 METADATA_NAME = "cellbatch.json"
+ONNX_SUFFIX = ".onnx"
 
 # What a file without cellbatch.json is taken to be (documented in the README).
 DEFAULT_GENERATOR_METADATA: dict[str, Any] = {
@@ -28,6 +33,32 @@ DEFAULT_GENERATOR_METADATA: dict[str, Any] = {
 }
 DEFAULT_CLASSIFIER_METADATA: dict[str, Any] = {"kind": "classifier", "input_range": [0, 1]}
 
+TORCHSCRIPT_NOTE = (
+    "torch {version} deprecates TorchScript; cellbatch still loads .pt model files, each checked by its "
+    "self-test. `cellbatch model convert FILE --to onnx` writes one that does not need torch (docs/model-files.md)"
+)
+
+
+_noted_torchscript = False
+
+
+@contextlib.contextmanager
+def torchscript_calls() -> Iterator[None]:
+    """Around ``torch.jit`` calls: swallow torch's per-call deprecation warnings and say it once, clearly."""
+    global _noted_torchscript
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        yield
+    for item in caught:
+        if issubclass(item.category, DeprecationWarning) and "torch.jit" in str(item.message):
+            if not _noted_torchscript:
+                import torch
+
+                _noted_torchscript = True
+                warnings.warn(TORCHSCRIPT_NOTE.format(version=torch.__version__), TorchScriptDeprecated, stacklevel=3)
+        else:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
@@ -37,34 +68,59 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def model_format(path: str | Path) -> str:
+    """``onnx`` for a ``.onnx`` file, else ``torchscript``."""
+    return "onnx" if Path(path).suffix.lower() == ONNX_SUFFIX else "torchscript"
+
+
 @dataclass
 class ModelFile:
-    """A loaded TorchScript module with its metadata and identity."""
+    """A loaded model: ``module`` maps a float32 tensor (N, 3, H, W) to the output tensor on the same device.
+
+    For a TorchScript file it is the ``torch.jit.ScriptModule``; for an ONNX file an
+    :class:`~cellbatch.onnxfile.OnnxModule` that runs ONNX Runtime behind the same call.
+    """
 
     path: Path
-    module: Any  # torch.jit.ScriptModule
+    module: Any
     metadata: dict[str, Any]
     sha256: str
     has_metadata: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    format: str = "torchscript"
+    self_test: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)
 
     def provenance(self) -> dict[str, Any]:
-        return {"path": str(self.path), "sha256": self.sha256, "metadata": self.metadata}
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "format": self.format,
+            "runtime": self.runtime,
+            "self_test": self.self_test,
+            "metadata": self.metadata,
+        }
 
 
-def save_model(module: Any, path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Save a TorchScript module with ``cellbatch.json``; records the saving torch's version."""
+def encode_metadata(metadata: dict[str, Any], path: str | Path) -> str:
+    """``metadata`` as the ``cellbatch.json`` text, checked as loading will check it."""
+    text = json.dumps(metadata, indent=2)
+    parse_metadata(text.encode(), source=path)  # never write a file that loading would refuse
+    return text
+
+
+def save_model(module: Any, path: str | Path, metadata: dict[str, Any], *, selftest: bytes | None = None) -> Path:
+    """Save a TorchScript module with ``cellbatch.json`` (and the self-test data); records torch's version."""
     import torch
 
     meta = dict(metadata)
     meta.setdefault("torch_version", torch.__version__)
     path = Path(path)
-    text = json.dumps(meta, indent=2)
-    parse_metadata(text.encode(), source=path)  # never write a file that loading would refuse
+    extra = {METADATA_NAME: encode_metadata(meta, path)}
+    if selftest is not None:
+        extra[SELFTEST_NAME] = selftest
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is the contract (DESIGN.md)
-        torch.jit.save(module, str(path), _extra_files={METADATA_NAME: text})
+    with torchscript_calls():
+        torch.jit.save(module, str(path), _extra_files=extra)
     return path
 
 
@@ -74,7 +130,12 @@ def read_metadata(path: str | Path) -> dict[str, Any] | None:
     The document is validated (:mod:`cellbatch.modelschema`) and read with a size bound, so a file
     whose metadata is malformed, or inflates to gigabytes, is refused with one line before torch sees it.
     """
-    raw = read_extra_file(path, METADATA_NAME, limit=MAX_METADATA_BYTES)
+    if model_format(path) == "onnx":
+        from cellbatch.onnxfile import read_onnx_properties
+
+        raw = read_onnx_properties(Path(path).read_bytes(), source=path).get(METADATA_NAME)
+    else:
+        raw = read_extra_file(path, METADATA_NAME, limit=MAX_METADATA_BYTES)
     return None if raw is None else parse_metadata(raw, source=path)
 
 
@@ -106,31 +167,59 @@ def load_model(
     device: str = "cpu",
     expected_sha256: str | None = None,
 ) -> ModelFile:
-    """Load a ``generator`` or ``classifier`` file, checking the contract.
+    """Load a ``generator`` or ``classifier`` file (TorchScript ``.pt`` or ``.onnx``), checking the contract.
 
-    Raises :class:`ModelError` with one line naming the file and the fix: not a TorchScript archive,
-    wrong kind, hash mismatch, or saved by a torch this one cannot read (both versions named).
+    Raises :class:`ModelError` with one line naming the file and the fix: not a model file, bad
+    metadata, wrong kind, hash mismatch, saved by a torch this one cannot read (both versions named), or
+    a self-test whose outputs moved on ``device``.
     """
-    import torch
-
     path = Path(path)
     if not path.is_file():
-        raise InputNotFoundError(f"model file {path} does not exist: pass the path of a TorchScript .pt file")
-    digest = sha256_file(path)
+        raise InputNotFoundError(
+            f"model file {path} does not exist: pass the path of a TorchScript .pt or an .onnx model file"
+        )
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
     if expected_sha256 is not None and digest.lower() != expected_sha256.lower():
         raise ModelError(
             f"model file {path} has sha256 {digest}, not the expected {expected_sha256}: "
             "check that the right file was deployed"
         )
+    if model_format(path) == "onnx":
+        from cellbatch.onnxfile import load_onnx
+
+        module, stored, selftest, runtime = load_onnx(raw, device=device, source=path)
+    else:
+        module, stored, selftest, runtime = _load_torchscript(path, device=device)
+    defaults = DEFAULT_GENERATOR_METADATA if kind == "generator" else DEFAULT_CLASSIFIER_METADATA
+    metadata = {**defaults, **(stored or {})}
+    if metadata.get("kind") != kind:
+        raise ModelError(f"{path} is a {metadata.get('kind')!r} model, but a {kind} is needed here")
+    self_test = run_selftest(module, selftest, metadata, device=device, source=path)
+    return ModelFile(
+        path=path,
+        module=module,
+        metadata=metadata,
+        sha256=digest,
+        has_metadata=stored is not None,
+        format=model_format(path),
+        self_test=self_test,
+        runtime=runtime,
+    )
+
+
+def _load_torchscript(path: Path, *, device: str) -> tuple[Any, dict[str, Any] | None, bytes | None, dict[str, Any]]:
+    import torch
+
     if not zipfile.is_zipfile(path):
         raise ModelError(
             f"{path} is not a TorchScript archive: export it with `cellbatch model export` "
             "or torch.jit.save (a plain state dict is not enough)"
         )
     stored = read_metadata(path)
+    selftest = read_extra_file(path, SELFTEST_NAME, limit=MAX_SELFTEST_BYTES)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with torchscript_calls():
             module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # torch raises RuntimeError, ValueError, ... for unreadable graphs
         saved_by = (stored or {}).get("torch_version", "an unknown torch")
@@ -140,8 +229,4 @@ def load_model(
             "torch or install the torch that saved it"
         ) from exc
     module.eval()
-    defaults = DEFAULT_GENERATOR_METADATA if kind == "generator" else DEFAULT_CLASSIFIER_METADATA
-    metadata = {**defaults, **(stored or {})}
-    if metadata.get("kind") != kind:
-        raise ModelError(f"{path} is a {metadata.get('kind')!r} model, but a {kind} is needed here")
-    return ModelFile(path=path, module=module, metadata=metadata, sha256=digest, has_metadata=stored is not None)
+    return module, stored, selftest, {"name": "torch", "version": torch.__version__}

@@ -47,6 +47,23 @@ SCHEMA: dict[str, Any] = {
             "uniqueItems": True,
         },
         "torch_version": {"type": "string", "maxLength": 100},
+        "onnx_opset": {"type": "integer", "minimum": 7, "maximum": 100},
+        "self_test": {
+            "type": "object",
+            "required": ["sha256", "tolerance"],
+            "properties": {
+                "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "tolerance": {
+                    "type": "object",
+                    "required": ["absolute", "relative", "mismatched_per_million"],
+                    "properties": {
+                        name: {"type": "number", "minimum": 0, "maximum": MAX_RANGE_MAGNITUDE}
+                        for name in ("absolute", "relative", "mismatched_per_million")
+                    },
+                    "additionalProperties": False,
+                },
+            },
+        },
         "trained": {"type": "boolean"},
     },
 }
@@ -110,4 +127,3 @@ def _shorten(message: str, limit: int = 120) -> str:
     # jsonschema quotes the offending value, which may be huge.
     message = message.splitlines()[0]
     return message if len(message) <= limit else message[: limit - 3] + "..."
-

@@ -58,3 +58,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def cellbatch(capsys: pytest.CaptureFixture[str]):
+    """Run the ``cellbatch`` command in this process: ``cellbatch(*args) -> (exit code, stdout, stderr)``."""
+    from cellbatch.cli import main
+
+    def invoke(*args: object) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return exit_info.value.code, captured.out, captured.err
+
+    return invoke

@@ -101,7 +101,9 @@ def test_training_learns_colours_and_the_export_matches_the_network(colour_set, 
     assert result.heldout_accuracy == 1.0, result.history
     assert set(result.per_class_accuracy) == set(classes)
 
-    path = export_classifier(result.net, tmp_path / "clf.pt", classes=classes, extra={"heldout_accuracy": 1.0})
+    path = export_classifier(
+        result.net, tmp_path / "clf.pt", classes=classes, extra={"heldout_accuracy": 1.0}
+    )["torchscript"]
     model = load_classifier(path)
     assert model.metadata["classes"] == classes
     assert model.metadata["input_range"] == [0, 1] and model.metadata["torch_version"] == torch.__version__
@@ -158,7 +160,7 @@ def test_training_and_classification_on_cuda_match_the_cpu(colour_set, tmp_path)
     result = train_classifier(files, labels, classes=classes, settings=settings, device="cuda")
     assert result.heldout_accuracy is not None
     assert next(result.net.parameters()).device.type == "cpu", "the trained net comes back on the CPU"
-    path = export_classifier(result.net, tmp_path / "clf.pt", classes=classes, extra={})
+    path = export_classifier(result.net, tmp_path / "clf.pt", classes=classes, extra={})["torchscript"]
     crops = np.stack(list(centre_crops(files)))
     on_cpu = classify(crops, classifier=load_classifier(path), device="cpu")
     on_gpu = classify(crops, classifier=load_classifier(path, device="cuda"), device="cuda", batch_size=7)

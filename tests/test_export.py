@@ -29,7 +29,7 @@ def test_traced_generator_is_shape_generic(tmp_path: Path) -> None:
     g = untrained_generator(base_filters=4, seed=3)
     path = export_generator(
         g, tmp_path / "g.pt", metadata=generator_metadata(g, trained=False), trace_size=256
-    )
+    )["torchscript"]
     loaded = load_model(path, kind="generator").module
     for h, w in [(128, 128), (384, 384), (128, 256)]:
         x = torch.rand(1, 3, h, w) * 2 - 1
@@ -107,7 +107,7 @@ def test_a_graph_this_torch_cannot_run_names_both_versions(tmp_path: Path) -> No
     g = untrained_generator(base_filters=4, seed=0)
     good = export_generator(
         g, tmp_path / "g.pt", metadata=generator_metadata(g, trained=False), check_sizes=(128,)
-    )
+    )["torchscript"]
     # Imitate a file from a newer torch: an operator this torch lacks, and a newer version on record.
     crafted = tmp_path / "future.pt"
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(crafted, "w", zipfile.ZIP_STORED) as dst:

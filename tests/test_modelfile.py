@@ -14,19 +14,6 @@ from cellbatch.modelfile import METADATA_NAME, load_model, read_metadata
 from tests.models import Negate, save_generator
 
 
-@pytest.fixture
-def cellbatch(capsys):
-    from cellbatch.cli import main
-
-    def invoke(*args: str):
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return exit_info.value.code, captured.out, captured.err
-
-    return invoke
-
-
 def with_metadata(path: Path, raw: bytes) -> Path:
     """A scripted generator whose cellbatch.json holds exactly ``raw`` (bypassing the exporter's checks)."""
     torch.jit.save(torch.jit.script(Negate()), str(path), _extra_files={METADATA_NAME: raw})

@@ -26,19 +26,6 @@ def toy_detector():
     detectors.register("blobs", DarkBlobDetector)
 
 
-@pytest.fixture
-def cellbatch(capsys):
-    from cellbatch.cli import main
-
-    def invoke(*args: str):
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return exit_info.value.code, captured.out, captured.err
-
-    return invoke
-
-
 def read_cells(slide_dir: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(open(slide_dir / "cells.csv")))
 

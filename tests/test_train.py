@@ -57,7 +57,7 @@ def test_each_setup_trains_and_exports_a_loadable_generator(pairs: Path, tmp_pat
     generator, meta = generator_from_run(run)
     assert meta["setup"] == setup and meta["steps"] == 2 and meta["trained"] is True
     assert set(meta["validation"]["input"]) == {"l1", "psnr", "ssim", "delta_e"}
-    path = export_generator(generator, tmp_path / "g.pt", metadata=meta, check_sizes=(128,))
+    path = export_generator(generator, tmp_path / "g.pt", metadata=meta, check_sizes=(128,))["torchscript"]
     model = load_model(path, kind="generator")
     out = model.module(torch.zeros(1, 3, 128, 128))
     assert out.shape == (1, 3, 128, 128) and torch.isfinite(out).all()

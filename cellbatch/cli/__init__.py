@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
+from typing import TextIO
 
 import click
 
 from cellbatch import __version__
-from cellbatch.errors import CellbatchError
+from cellbatch.errors import CellbatchError, TorchScriptDeprecated
 
 # name -> (module, attribute, one-line help). Help text lives here so listing imports nothing.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("cellbatch.cli.run", "run", "Convert captures: detect, crop, generate, normalise, check, write."),
     "synth": ("cellbatch.cli.synth", "synth", "Write synthetic DM-scale captures (and two-optics pairs)."),
-    "model": ("cellbatch.cli.model", "model", "Export and inspect TorchScript model files."),
+    "model": ("cellbatch.cli.model", "model", "Export, convert, verify and inspect model files (.pt, .onnx)."),
     "normalise": ("cellbatch.cli.normalise", "normalise", "Fit colour-normalisation profiles."),
     "eval": ("cellbatch.cli.eval", "eval_", "Measure detection against ground truth (boxes, centred captures)."),
     "check": ("cellbatch.cli.check", "check", "Re-check an existing output with a classifier."),
@@ -58,9 +60,28 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
+_show_warning = warnings.showwarning
+
+
+def _show_note(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    # cellbatch's own notes read as one line, not as a Python warning with a source location.
+    if issubclass(category, TorchScriptDeprecated):
+        click.echo(f"cellbatch: note: {message}", err=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line per user error, a traceback only with ``--debug``."""
     args = sys.argv[1:] if argv is None else argv
+    warnings.showwarning = _show_note
     debug = "--debug" in args
     try:
         # Without standalone mode click returns a command's ctx.exit() code instead of exiting.

@@ -25,7 +25,7 @@ from cellbatch.cli.options import (
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     metavar="CLF.pt",
-    help="TorchScript classifier, (N, 3, 256, 256) RGB in, logits out (`cellbatch classifier train`).",
+    help="Classifier file (.pt or .onnx), (N, 3, 256, 256) RGB in, logits out (`cellbatch classifier train`).",
 )
 @agreement_options
 @detector_option

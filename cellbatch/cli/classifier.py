@@ -8,7 +8,14 @@ from pathlib import Path
 
 import click
 
-from cellbatch.cli.options import device_option, json_option, quiet_option, threads_option, use_threads
+from cellbatch.cli.options import (
+    device_option,
+    json_option,
+    model_formats_option,
+    quiet_option,
+    threads_option,
+    use_threads,
+)
 
 
 @click.group()
@@ -23,8 +30,9 @@ def classifier() -> None:
     "out_path",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the TorchScript classifier (.pt) with its cellbatch.json.",
+    help="Where to write the TorchScript classifier (.pt; .onnx beside it) with its cellbatch.json.",
 )
+@model_formats_option(help="Which files to write; each carries cellbatch.json and the self-test, with MODEL.md beside.")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
@@ -48,6 +56,7 @@ def train(
     lr: float,
     val_fraction: float,
     seed: int,
+    formats: str,
     device: str,
     threads: int | None,
     as_json: bool,
@@ -60,6 +69,8 @@ def train(
     --classifier` and `cellbatch check --classifier` need no --classes.
     """
     from dataclasses import asdict
+
+    from cellbatch.cli.model import card_beside, format_list
 
     use_threads(threads, command="classifier", device=device)
     from cellbatch.generate import resolve_device
@@ -85,14 +96,17 @@ def train(
             "seconds": round(seconds, 1),
         },
     }
-    export_classifier(
+    files = export_classifier(
         result.net,
         out_path,
         classes=result.classes,
         extra={k: v for k, v in report.items() if k != "classes"},
+        formats=format_list(formats),
     )
+    card_beside(files)
     if as_json:
-        click.echo(json.dumps({"out": str(out_path), **report}, indent=2))
+        written = {k: str(v) for k, v in files.items()}
+        click.echo(json.dumps({"out": str(out_path), "files": written, **report}, indent=2))
     else:
         accuracy = "n/a (nothing held out)" if result.heldout_accuracy is None else f"{result.heldout_accuracy:.1%}"
         click.echo(

@@ -1,4 +1,4 @@
-"""``cellbatch model``: export a generator as a TorchScript model file, and show a file's metadata."""
+"""``cellbatch model``: export, convert, verify and inspect model files (TorchScript and ONNX)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ from pathlib import Path
 
 import click
 
+from cellbatch.cli.options import device_option, model_formats_option
 from cellbatch.errors import ConfigError
 
 
 @click.group("model")
 def model() -> None:
-    """Export and inspect TorchScript model files."""
+    """Export, convert, verify and inspect model files (TorchScript .pt and .onnx)."""
 
 
 @model.command("export")
 @click.argument("run", required=False, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model file to write (.pt).")
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Model file to write (.pt; .onnx beside it)."
+)
+@model_formats_option(help="Which files to write; each carries cellbatch.json and the self-test.")
 @click.option(
     "--state-dict", type=click.Path(path_type=Path), help="Export a generator state dict instead of a RUN."
 )
@@ -41,8 +45,9 @@ def export(
     base_filters: int | None,
     seed: int | None,
     trace_size: int,
+    formats: str,
 ) -> None:
-    """Trace, freeze and write a generator with cellbatch.json metadata.
+    """Trace, freeze and write a generator with cellbatch.json metadata, a self-test and MODEL.md.
 
     RUN is a `cellbatch train --out` folder (its source->target generator G is exported). Exactly one
     source: RUN, --state-dict FILE, or --untrained --base-filters N --seed S.
@@ -85,9 +90,72 @@ def export(
             raise ConfigError("--base-filters and --seed do not apply to a RUN: its settings give the width")
         assert run is not None
         generator, metadata = generator_from_run(run)
-    path = export_generator(generator, out, metadata=metadata, trace_size=trace_size)
+    files = export_generator(generator, out, metadata=metadata, trace_size=trace_size, formats=format_list(formats))
+    card = card_beside(files)
     click.echo(
-        f"wrote {path} ({metadata['parameters']:,} parameters, trained: {str(metadata['trained']).lower()})"
+        f"wrote {', '.join(str(p) for p in files.values())} and {card} "
+        f"({metadata['parameters']:,} parameters, trained: {str(metadata['trained']).lower()})"
+    )
+
+
+def format_list(formats: str) -> tuple[str, ...]:
+    return ("torchscript", "onnx") if formats == "both" else (formats,)
+
+
+def card_beside(files: dict[str, Path]) -> Path:
+    """Measure the written files and write MODEL.md beside them."""
+    from cellbatch.modelcard import measure_speed, write_model_card
+    from cellbatch.modelfile import read_metadata
+
+    metadata = read_metadata(next(iter(files.values())))
+    assert metadata is not None
+    return write_model_card(files, metadata, measure_speed(files, metadata["kind"]))
+
+
+@model.command("convert")
+@click.argument("path", type=click.Path(path_type=Path))
+@model_formats_option("--to", default="onnx", help="Format(s) to write; torchscript re-saves it with a self-test.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Where to write (suffix set by format) [default: beside PATH; a .pt is never overwritten].",
+)
+@click.option("--size", type=click.IntRange(min=1), help="Side of the square trace input [default: from the metadata].")
+def convert(path: Path, formats: str, out: Path | None, size: int | None) -> None:
+    """Convert a TorchScript model file (generator or classifier) to ONNX, or add a self-test to it.
+
+    Writes MODEL.md beside the new files, as export does.
+
+    The self-test of PATH is kept when it has one and PATH passes it here; a file without one gets
+    a new self-test from its current outputs (the note in cellbatch.json says so).
+    """
+    from cellbatch.convert import convert_model
+
+    files = convert_model(path, out=out, formats=format_list(formats), size=size)
+    card = card_beside(files)
+    click.echo(f"wrote {', '.join(str(p) for p in files.values())} and {card}")
+
+
+@model.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@device_option
+def verify(path: Path, device: str) -> None:
+    """Run a model file's self-test on this device (exit 3 when its outputs moved or it has none)."""
+    from cellbatch.errors import ModelError
+    from cellbatch.generate import resolve_device
+    from cellbatch.modelfile import load_model, read_metadata
+
+    device = resolve_device(device)
+    stored = read_metadata(path) if path.is_file() else None
+    kind = (stored or {}).get("kind", "generator")
+    loaded = load_model(path, kind=kind, device=device)
+    test = loaded.self_test
+    if test["status"] != "passed":
+        raise ModelError(f"{path} has no self-test to verify: add one with `cellbatch model convert {path} --to both`")
+    click.echo(
+        f"{path}: self-test passed on {test['device']} at {test['precision']} with {loaded.runtime['name']}: "
+        f"max difference {test['max_abs_diff']:.3g}, {test['elements_beyond_tolerance']} of {test['elements']} "
+        f"elements beyond the tolerance (allowed {test['elements_allowed_beyond']})"
     )
 
 

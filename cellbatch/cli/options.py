@@ -85,3 +85,15 @@ def agreement_options(f: F) -> F:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def model_formats_option(flag: str = "--format", *, default: str = "both", help: str) -> Callable[[F], F]:
+    """Which model-file formats to write (``torchscript``, ``onnx`` or ``both``), as the parameter ``formats``."""
+    return click.option(
+        flag,
+        "formats",
+        type=click.Choice(["torchscript", "onnx", "both"]),
+        default=default,
+        show_default=True,
+        help=help,
+    )

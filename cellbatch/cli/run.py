@@ -27,7 +27,7 @@ from cellbatch.cli.options import (
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("cellbatch-out"), show_default=True,
               help="Output folder: one folder per slide, plus run.json.")
 @click.option("--model", type=click.Path(path_type=Path),
-              help="TorchScript generator; without it, generation is skipped.")
+              help="Generator file (.pt or .onnx); without it, generation is skipped.")
 @click.option("--model-sha256", metavar="HEX", help="Refuse a model file whose sha256 differs.")
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Crops per model call.")
@@ -36,7 +36,7 @@ from cellbatch.cli.options import (
 @click.option("--drop-edge", is_flag=True, help="Leave out cells cut by the capture border.")
 @click.option("--normalise", "normalise", multiple=True, metavar="NAME[:ARG]",
               help="Normaliser from the registry, applied in order (repeatable): none, display, hm:PROFILE.json, ...")
-@click.option("--classifier", type=click.Path(path_type=Path), help="TorchScript classifier for the agreement check.")
+@click.option("--classifier", type=click.Path(path_type=Path), help="Classifier (.pt or .onnx): agreement check.")
 @agreement_options
 @click.option("--scheduler", metavar="ADDRESS", help="Run the CPU stages on an existing Dask cluster (tcp://HOST:PORT).")
 @threads_option

@@ -12,7 +12,7 @@ its native scale, padded with its background colour when smaller, as the run cro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,16 +227,25 @@ def train_classifier(
     )
 
 
-def export_classifier(net: ClassifierNet, path: str | Path, *, classes: list[str], extra: dict[str, Any]) -> Path:
-    """Trace and freeze the network and save it with the classifier contract metadata plus ``extra``."""
-    from cellbatch.modelfile import save_model
+def export_classifier(
+    net: ClassifierNet,
+    path: str | Path,
+    *,
+    classes: list[str],
+    extra: dict[str, Any],
+    formats: Sequence[str] = ("torchscript",),
+) -> dict[str, Path]:
+    """Trace and freeze the network and write it in ``formats`` with the classifier contract metadata plus
+    ``extra`` and a self-test (:func:`cellbatch.export.write_model_files`); returns the files by format."""
+    from cellbatch.export import write_model_files
+    from cellbatch.modelfile import torchscript_calls
 
     net = net.eval().cpu()
-    with torch.no_grad():
+    with torch.no_grad(), torchscript_calls():
         traced = torch.jit.trace(net, torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
-    frozen = torch.jit.freeze(traced)
+        frozen = torch.jit.freeze(traced)
     metadata = {"kind": "classifier", "classes": list(classes), "input_range": [0, 1], **extra}
-    return save_model(frozen, path, metadata)
+    return write_model_files(frozen, path, metadata=metadata, formats=formats, example_size=INPUT_SIZE)
 
 
 def _shrunk_inputs(net: ClassifierNet, files: list[Path], chunk: int = 64) -> torch.Tensor:
