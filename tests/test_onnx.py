@@ -138,3 +138,12 @@ def test_classifier_train_writes_both_formats_and_a_model_card(tmp_path: Path) -
     for name in ("clf.pt", "clf.onnx"):
         assert name in card and load_model(tmp_path / "m" / name, kind="classifier").self_test["status"] == "passed"
     assert "ONNX opset 17" in card and "ms per crop, batch 1" in card
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_onnx_generator_on_cuda_gives_the_cpu_result(demo_files, cell_crops) -> None:
+    on_gpu = Generator.load(demo_files["onnx"], device="cuda")
+    assert on_gpu.model.self_test["status"] == "passed" and on_gpu.model.self_test["device"] == "cuda"
+    diff = np.abs(on_gpu(cell_crops).astype(int) - Generator.load(demo_files["onnx"])(cell_crops).astype(int))
+    assert (diff <= 1).mean() >= 0.999
