@@ -279,6 +279,18 @@ def centred_capture(name: str, group: str, detection: Detection, shape: tuple[in
     return CentredCapture(name=name, group=group, centroid_px=centroid, body_px=body)
 
 
+def half_of_each_folder(images: Sequence[Path], half: str) -> list[Path]:
+    """Every other capture of each folder in name order: ``even`` the 0th, 2nd, ...; ``odd`` the 1st, 3rd, ...
+
+    A deterministic split of each class into a tuning half and a held-out half.
+    """
+    by_folder: dict[Path, list[Path]] = {}
+    for image in sorted(images):
+        by_folder.setdefault(image.parent, []).append(image)
+    start = {"even": 0, "odd": 1}[half]
+    return [image for folder in sorted(by_folder) for image in by_folder[folder][start::2]]
+
+
 def evaluate_centred(images: Sequence[Path], detector: Callable[[np.ndarray], Detection]) -> list[CentredCapture]:
     """Run ``detector`` on each single-cell capture; group each by its parent folder's name."""
     from cellbatch.read import read_image

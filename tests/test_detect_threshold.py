@@ -177,6 +177,15 @@ def test_giant_platelet_is_not_a_white_cell() -> None:
     assert detect(image).cells == ()
 
 
+def test_giant_platelet_lying_on_a_red_cell_is_not_a_white_cell() -> None:
+    """The red cell under it gives the blob a large stained body; its chromatin stays granulomere-pale."""
+    image = blank()
+    disc(image, 320, 240, 0.45 * D, RED_CELL_RGB)
+    disc(image, 320, 240, 0.3 * D, PLATELET_RGB)
+    red_cell(image, 150, 240)
+    assert detect(image).cells == ()
+
+
 def test_erythroblast_with_a_small_dense_nucleus_is_found() -> None:
     image = blank()
     erythroblast(image, 320, 240)

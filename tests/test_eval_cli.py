@@ -101,7 +101,31 @@ def test_centred_prints_both_readings_per_class(centred_folder: Path) -> None:
     assert "lymphocyte/low.png: fails centroid;" in result.output
     assert "lymphocyte/far.png: fails centroid and body;" in result.output
     assert "centroid 0.3333  body 0.6667" in result.output
-    assert "platelet" in result.output and "no cell 1.0000" in result.output
+    assert "platelet" in result.output and "no cell within 25 px (body) 1.0000" in result.output
+    assert "all cell groups     3 captures" in result.output
+
+
+def test_centred_empty_folder_allows_a_white_cell_at_the_border(centred_folder: Path) -> None:
+    """A platelet capture with a real white cell far from the centre is no error; one at the centre is."""
+    iio.imwrite(centred_folder / "platelet" / "cell_at_border.png", capture_with_cell(250, 120))
+    iio.imwrite(centred_folder / "platelet" / "cell_at_centre.png", capture_with_cell(160, 120))
+    result = CliRunner().invoke(
+        cli, ["eval", "centred", str(centred_folder), "--empty", "platelet", "--cell-diameter", "56", "--json", "-v"]
+    )
+    out = json.loads(result.output)
+    assert out["groups"]["platelet"]["no_central_cell"] == pytest.approx(2 / 3)
+    assert [f["image"] for f in out["failures"] if f["group"] == "platelet"] == ["cell_at_centre.png"]
+
+
+def test_centred_half_takes_every_other_capture_of_each_folder(centred_folder: Path) -> None:
+    counts = {}
+    for half in ("even", "odd"):
+        result = CliRunner().invoke(
+            cli, ["eval", "centred", str(centred_folder), "--cell-diameter", "56", "--half", half, "--json"]
+        )
+        counts[half] = {k: v["captures"] for k, v in json.loads(result.output)["groups"].items()}
+    # lymphocyte: centred, far, low in name order -> even: centred, low; odd: far. platelet: one capture.
+    assert counts == {"even": {"lymphocyte": 2, "platelet": 1}, "odd": {"lymphocyte": 1}}
 
 
 def test_centred_radius_decides_what_counts_as_central(centred_folder: Path) -> None:

@@ -87,6 +87,12 @@ def detect(src: Path, boxes: Path, cell_diameter: float, detector: str, verbose:
     help="A class folder whose captures hold no white cell (e.g. platelet); scored on finding none. Repeatable.",
 )
 @click.option("--radius", default=25.0, show_default=True, help="Pixels from the image centre that count as central.")
+@click.option(
+    "--half",
+    type=click.Choice(["even", "odd"]),
+    help="Only every other capture of each folder in name order (0th, 2nd, ... or 1st, 3rd, ...): tune on one half, "
+    "report the other.",
+)
 @cell_diameter_option
 @detector_option
 @click.option("--verbose", "-v", is_flag=True, help="List the captures that fail, with each cell's distances.")
@@ -95,6 +101,7 @@ def centred(
     src: Path,
     empty_groups: tuple[str, ...],
     radius: float,
+    half: str | None,
     cell_diameter: float,
     detector: str,
     verbose: bool,
@@ -105,11 +112,13 @@ def centred(
     SRC is a folder of captures, usually one subfolder per cell class. Per folder, prints the share of
     captures with exactly one cell within --radius of the image centre, read two ways: the cell's
     centroid lies within it ("centroid"), or the cell's body (a disc of its area around its centroid)
-    reaches it ("body"). Folders named by --empty are scored on holding no cell at all.
+    reaches it ("body"), and over all those folders together. A capture with no cell or two central
+    cells is a miss. Folders named by --empty (platelet captures) are scored on holding no cell whose
+    body reaches within --radius of the centre: a white cell at the border is a real cell, not an error.
     """
     from cellbatch.detect.base import DetectSettings
     from cellbatch.errors import InputNotFoundError
-    from cellbatch.evaluate import evaluate_centred
+    from cellbatch.evaluate import evaluate_centred, half_of_each_folder
     from cellbatch.read import iter_image_files
     from cellbatch.registry import detectors
 
@@ -118,6 +127,8 @@ def centred(
     images = list(iter_image_files(src))
     if not images:
         raise InputNotFoundError(f"no capture files (.png, .jpg, .tif, .bmp) under {src}")
+    if half is not None:
+        images = half_of_each_folder(images, half)
     find = detectors.get(detector)(DetectSettings(cell_diameter=cell_diameter))
     captures = evaluate_centred(images, find)
 
@@ -126,11 +137,12 @@ def centred(
         groups.setdefault(capture.group, []).append(capture)
     summary = {}
     failures = []
+    cell_groups = {"captures": 0, "one_central_centroid": 0, "one_central_body": 0}
     for group, members in sorted(groups.items()):
         if group in empty_groups:
-            ok = [not c.centroid_px for c in members]
-            summary[group] = {"captures": len(members), "no_cell": sum(ok) / len(members)}
-            failures += [(c, "a cell found") for c, good in zip(members, ok, strict=True) if not good]
+            ok = [c.central(radius, "body") == 0 for c in members]
+            summary[group] = {"captures": len(members), "no_central_cell": sum(ok) / len(members)}
+            failures += [(c, "a central cell found") for c, good in zip(members, ok, strict=True) if not good]
             continue
         by_centroid = [c.central(radius, "centroid") == 1 for c in members]
         by_body = [c.central(radius, "body") == 1 for c in members]
@@ -139,12 +151,25 @@ def centred(
             "one_central_centroid": sum(by_centroid) / len(members),
             "one_central_body": sum(by_body) / len(members),
         }
+        for key, hits in (("captures", members), ("one_central_centroid", by_centroid), ("one_central_body", by_body)):
+            cell_groups[key] += sum(map(bool, hits))
         for c, cen, body in zip(members, by_centroid, by_body, strict=True):
             if not (cen and body):
                 failures.append((c, " and ".join(r for r, ok in (("centroid", cen), ("body", body)) if not ok)))
+    together = None
+    if cell_groups["captures"]:
+        n = cell_groups["captures"]
+        together = {"captures": n, **{k: v / n for k, v in cell_groups.items() if k != "captures"}}
 
     if as_json:
-        result: dict = {"radius": radius, "detector": detector, "cell_diameter": cell_diameter, "groups": summary}
+        result: dict = {
+            "radius": radius,
+            "detector": detector,
+            "cell_diameter": cell_diameter,
+            "half": half,
+            "groups": summary,
+            "cell_groups_together": together,
+        }
         if verbose:
             result["failures"] = [
                 {"group": c.group, "image": c.name, "fails": why, "centroid_px": c.centroid_px, "body_px": c.body_px}
@@ -158,11 +183,15 @@ def centred(
             body = ", ".join(f"{d:.0f}" for d in c.body_px)
             found = f"cells at {centroid} px (body {body} px)" if c.centroid_px else "no cell found"
             click.echo(f"{c.group}/{c.name}: fails {why}; {found}")
-    for group, figures in summary.items():
-        if "no_cell" in figures:
-            click.echo(f"{group:14s} {figures['captures']:5d} captures  no cell {figures['no_cell']:.4f}")
+    rows = list(summary.items()) + ([("all cell groups", together)] if together and len(summary) > 1 else [])
+    for group, figures in rows:
+        if "no_central_cell" in figures:
+            click.echo(
+                f"{group:15s} {figures['captures']:5d} captures  no cell within {radius:g} px (body) "
+                f"{figures['no_central_cell']:.4f}"
+            )
         else:
             click.echo(
-                f"{group:14s} {figures['captures']:5d} captures  one cell within {radius:g} px: "
+                f"{group:15s} {figures['captures']:5d} captures  one cell within {radius:g} px: "
                 f"centroid {figures['one_central_centroid']:.4f}  body {figures['one_central_body']:.4f}"
             )

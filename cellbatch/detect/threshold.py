@@ -21,7 +21,8 @@ Steps, at the working scale (distances in cell diameters ``D``):
    platelet-sized floor are dropped first (a detached lobe then counts towards its own cell). A seed
    is a white cell when its nucleus is large (above any giant platelet); a mid-sized one is a
    platelet when it has the granulomere's colour (``purple / dark`` in a band below pale Wright
-   nuclei and above MGG chromatin) and no cell body around it, unless it has both dense chromatin
+   nuclei and above MGG chromatin) and either no cell body around it or chromatin as pale as a
+   granulomere (a giant platelet on a red cell or in a clump), unless it has both dense chromatin
    and a small body (erythroblasts, small lymphocytes). Each kept seed then moves to the middle of
    the nucleus it owns.
 5. **Segmentation.** Nucleus pixels are nucleus-coloured and absorb red light nearly as much as their
@@ -73,6 +74,12 @@ MIN_NUCLEUS = 0.10  # below: ordinary platelets, stain specks, detached lobes (B
 LARGE_NUCLEUS = 0.50  # above: a nucleus whatever its colour (largest PBC giant platelet measured: 0.44)
 PLATELET_RATIO = (0.80, 1.10)  # purple / darkness of MGG platelets; chromatin is darker, Wright bluer
 CELL_BODY = 0.65  # a stained body this large (D^2) around a blob makes it a cell (platelets: 99th pct 0.60)
+# ... unless the body is no more than a red cell under a giant platelet (a red cell is about 0.4 D^2, a giant
+# platelet up to 0.45) and the chromatin is as pale as a granulomere (PBC tuning half: the two giant platelets
+# with bodies 0.68 and 0.93 have chromatin 2.6-2.9; neutrophils in the colour band 4.4-8.5; synthetic monocytes,
+# pale, have bodies of 1.0-1.2).
+PLATELET_ON_RED_CELL = 1.0
+PALE_CHROMATIN = 3.5
 SMALL_BODY = 0.30  # with dense chromatin, a body this large suffices (erythroblasts, lymphocytes)
 # Chromatin density is judged against the capture's own red cells: optical densities (-ln of the
 # white-balanced value) all scale by g under a gamma g, so their ratio does not move, where absolute
@@ -333,8 +340,10 @@ def _platelet(nuc: np.ndarray, mine: np.ndarray, win: tuple[slice, slice], maps:
     """Whether a mid-sized nucleus-coloured blob is a (giant) platelet rather than a small nucleus.
 
     Blue-violet nuclei of pale stains lie above the platelet colour band, and a blob inside a large
-    stained body is a cell. Otherwise a blob is a cell only with a small body and chromatin dense for
-    this capture (see :data:`DENSE_CHROMATIN`): erythroblasts and small lymphocytes. MGG chromatin,
+    stained body is a cell, unless it has the platelet colour and chromatin as pale as a granulomere
+    (a giant platelet on a red cell, or a platelet clump). Otherwise a blob is a cell only with a small
+    body and chromatin dense for this capture (see :data:`DENSE_CHROMATIN`): erythroblasts and small
+    lymphocytes. MGG chromatin,
     darker for its purple than the granulomere (below the band), needs less density; so does a blob
     cut by the capture border, whose body cannot be measured.
     """
@@ -343,9 +352,9 @@ def _platelet(nuc: np.ndarray, mine: np.ndarray, win: tuple[slice, slice], maps:
     if ratio > PLATELET_RATIO[1]:
         return False
     body = np.count_nonzero(_cell_body(nuc, mine & maps.stained[win], CELL_REACH * d, d) | nuc) / (d * d)
-    if body >= CELL_BODY:
-        return False
     chromatin = float(np.percentile(_density(maps.balanced[win][nuc]).mean(axis=1), 75)) / maps.red_cell_density()
+    if body >= CELL_BODY:
+        return PLATELET_RATIO[0] <= ratio and body < PLATELET_ON_RED_CELL and chromatin < PALE_CHROMATIN
     if ratio < PLATELET_RATIO[0]:
         return chromatin < MGG_CHROMATIN or (body < SMALL_BODY and not _on_border(nuc, win, maps.nucleus.shape))
     if body < SMALL_BODY:
