@@ -72,3 +72,11 @@ def cellbatch(capsys: pytest.CaptureFixture[str]):
         return exit_info.value.code, captured.out, captured.err
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def report_run(tmp_path_factory: pytest.TempPathFactory):
+    """One real ``cellbatch run ... --report`` with every kind of slide (tests/report_run.py); read it, never write."""
+    from tests.report_run import make_report_run
+
+    return make_report_run(tmp_path_factory.mktemp("report-run"))

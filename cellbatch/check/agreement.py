@@ -265,7 +265,7 @@ class AgreementCheck:
         )
         slide_dir = Path(slide_dir)
         _replace_with(slide_dir / "confusion.csv", lambda p: write_confusion_csv(state.matrix, self.classes, p))
-        title = f"{state.slide_name}: agreement {_percent(summary['agreement'])} of {summary['checked']} cells"
+        title = agreement_title(state.slide_name, summary)
         _replace_with(
             slide_dir / "confusion.png",
             lambda p: write_confusion_png(state.matrix, self.classes, p, title=title),
@@ -319,6 +319,26 @@ def summarise(
         "min_agreement": min_agreement,
         "qc_failed": bool(qc_failed),
     }
+
+
+def agreement_title(name: str, summary: Mapping[str, Any]) -> str:
+    """Two lines naming the rate, its base and the QC gate's threshold and outcome, for heat-map titles.
+
+    >>> agreement_title("s1", {"agreement": 0.8, "checked": 10, "min_agreement": 0.85, "qc_failed": True})
+    's1: agreement 80.0% of 10 checked cells\nQC FAILED: below --min-agreement 85.0%'
+    """
+    first = f"{name}: agreement {_percent(summary.get('agreement'))} of {summary.get('checked', 0)} checked cells"
+    return f"{first}\n{qc_outcome(summary)}"
+
+
+def qc_outcome(summary: Mapping[str, Any]) -> str:
+    """The QC gate's threshold and outcome in words."""
+    threshold = summary.get("min_agreement")
+    if threshold is None:
+        return "no QC gate (--min-agreement not set)"
+    if summary.get("qc_failed"):
+        return f"QC FAILED: below --min-agreement {_percent(threshold)}"
+    return f"QC passed: at or above --min-agreement {_percent(threshold)}"
 
 
 def summarise_run(slides: Mapping[str, Mapping[str, Any]], *, min_agreement: float | None) -> dict[str, Any]:

@@ -18,6 +18,9 @@ import numpy as np
 _CELL = 56
 _MARGIN = 12
 _FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX, spelled as a number so importing this module does not need cv2
+_LEGEND_BAR = 14  # colour-bar width
+_LEGEND_NOTE_H = 18  # the upright line saying what the colour measures
+_LEGEND_TEXT = 40 + _LEGEND_NOTE_H  # tick labels, then that line
 
 
 def confusion_counts(reference: np.ndarray, output: np.ndarray, *, n_classes: int) -> np.ndarray:
@@ -81,12 +84,33 @@ def write_confusion_csv(matrix: np.ndarray, classes: Sequence[str], path: str | 
     return path
 
 
+def row_fractions(matrix: np.ndarray) -> np.ndarray:
+    """Each count as a fraction of its row (its reference class's checked cells); 0 for an empty row."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    rows = matrix.sum(axis=1, keepdims=True)
+    return np.divide(matrix, rows, out=np.zeros(matrix.shape, np.float64), where=rows > 0)
+
+
+def heat_colours(fraction: np.ndarray) -> np.ndarray:
+    """Viridis RGB (..., 3) uint8 for fractions in [0, 1]: the one colour scale of every confusion heat map."""
+    import cv2
+
+    fraction = np.asarray(fraction, dtype=np.float64)
+    levels = np.round(np.clip(fraction, 0, 1) * 255).astype(np.uint8)
+    return cv2.applyColorMap(levels.reshape(-1, 1), cv2.COLORMAP_VIRIDIS)[:, 0, ::-1].reshape(*fraction.shape, 3)
+
+
+def ink_for(fraction: float) -> tuple[int, int, int]:
+    """Text colour that reads on :func:`heat_colours` of ``fraction``: black on the light end."""
+    return (0, 0, 0) if fraction > 0.6 else (255, 255, 255)
+
+
 def render_confusion(matrix: np.ndarray, classes: Sequence[str], *, title: str = "") -> np.ndarray:
-    """Draw the matrix as an (H, W, 3) uint8 RGB heat map.
+    """Draw the matrix as an (H, W, 3) uint8 RGB heat map with a colour legend.
 
     Colour is the row-normalised fraction (viridis), so a rare reference class shows its confusions as
-    clearly as a common one; each cell prints its count. Rows are reference classes, columns output
-    classes.
+    clearly as a common one; the legend on the right says so. Each cell prints its count. Rows are
+    reference classes, columns output classes. ``title`` may hold several lines (``\n``).
     """
     import cv2
 
@@ -94,19 +118,20 @@ def render_confusion(matrix: np.ndarray, classes: Sequence[str], *, title: str =
     k = len(classes)
     scale, thick = 0.45, 1
     label_w = max((cv2.getTextSize(c, _FONT, scale, thick)[0][0] for c in classes), default=0) + 2 * _MARGIN
-    title_h = 30 if title else 0
+    title_lines = [line for line in title.split("\n") if line]
+    title_h = 22 * len(title_lines) + (8 if title_lines else 0)
     axis_h = 22
-    height = title_h + axis_h + label_w + k * _CELL + _MARGIN
-    width = axis_h + label_w + k * _CELL + _MARGIN
-    if title:
-        width = max(width, cv2.getTextSize(title, _FONT, 0.5, thick)[0][0] + 2 * _MARGIN)
+    legend_w = _LEGEND_BAR + _LEGEND_TEXT + 2 * _MARGIN
+    grid = max(k, 3) * _CELL  # the legend needs some height even for one class
+    height = title_h + axis_h + label_w + grid + _MARGIN
+    width = axis_h + label_w + k * _CELL + legend_w
+    for line in title_lines:
+        width = max(width, cv2.getTextSize(line, _FONT, 0.5, thick)[0][0] + 2 * _MARGIN)
     canvas = np.full((height, width, 3), 255, np.uint8)
     top, left = title_h + axis_h + label_w, axis_h + label_w
 
-    rows = matrix.sum(axis=1, keepdims=True)
-    fraction = np.divide(matrix, rows, out=np.zeros(matrix.shape, np.float64), where=rows > 0)
-    levels = np.round(fraction * 255).astype(np.uint8)
-    colours = cv2.applyColorMap(levels.reshape(k, k, 1), cv2.COLORMAP_VIRIDIS)[..., ::-1]  # BGR -> RGB
+    fraction = row_fractions(matrix)
+    colours = heat_colours(fraction)
     for i in range(k):
         for j in range(k):
             y, x = top + i * _CELL, left + j * _CELL
@@ -114,14 +139,13 @@ def render_confusion(matrix: np.ndarray, classes: Sequence[str], *, title: str =
             cv2.rectangle(canvas, (x, y), (x + _CELL - 1, y + _CELL - 1), colour, thickness=-1)
             text = str(int(matrix[i, j]))
             (tw, th), _ = cv2.getTextSize(text, _FONT, scale, thick)
-            ink = (0, 0, 0) if fraction[i, j] > 0.6 else (255, 255, 255)
             cv2.putText(
                 canvas,
                 text,
                 (x + (_CELL - tw) // 2, y + (_CELL + th) // 2),
                 _FONT,
                 scale,
-                ink,
+                ink_for(fraction[i, j]),
                 thick,
                 cv2.LINE_AA,
             )
@@ -140,12 +164,35 @@ def render_confusion(matrix: np.ndarray, classes: Sequence[str], *, title: str =
     canvas[title_h + axis_h : top, left : left + k * _CELL] = np.rot90(strip, k=1)
 
     _centred_text(canvas, "output class", (left + k * _CELL // 2, title_h + axis_h - 6), scale)
-    side = np.full((axis_h, k * _CELL, 3), 255, np.uint8)
-    _centred_text(side, "reference class", (k * _CELL // 2, axis_h - 6), scale)
-    canvas[top : top + k * _CELL, 0:axis_h] = np.rot90(side, k=1)
-    if title:
-        _centred_text(canvas, title, (width // 2, 20), 0.5)
+    side = np.full((axis_h, grid, 3), 255, np.uint8)
+    _centred_text(side, "reference class", (grid // 2, axis_h - 6), scale)
+    canvas[top : top + grid, 0:axis_h] = np.rot90(side, k=1)
+    _draw_legend(canvas, x=left + k * _CELL + _MARGIN, top=top, height=grid)
+    for n, line in enumerate(title_lines):
+        _centred_text(canvas, line, (width // 2, 20 + 22 * n), 0.5)
     return canvas
+
+
+def _draw_legend(canvas: np.ndarray, *, x: int, top: int, height: int) -> None:
+    """A vertical colour bar, 100% at the top, with ticks and what the colour means."""
+    import cv2
+
+    bar = heat_colours(np.linspace(1.0, 0.0, height))
+    canvas[top : top + height, x : x + _LEGEND_BAR] = bar[:, None, :]
+    cv2.rectangle(canvas, (x - 1, top - 1), (x + _LEGEND_BAR, top + height), (0, 0, 0), 1)
+    for value in (0.0, 0.5, 1.0):
+        y = top + round((1.0 - value) * (height - 1))
+        cv2.line(canvas, (x + _LEGEND_BAR, y), (x + _LEGEND_BAR + 4, y), (0, 0, 0), 1)
+        label = f"{value:.0%}"
+        (_, th), _ = cv2.getTextSize(label, _FONT, 0.4, 1)
+        y_text = min(max(y + th // 2, top + th), top + height)
+        cv2.putText(canvas, label, (x + _LEGEND_BAR + 7, y_text), _FONT, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    # What the colour measures, written along the bar (turned upright like the column labels).
+    note = "share of the reference class's cells"
+    strip = np.full((_LEGEND_NOTE_H, height, 3), 255, np.uint8)
+    _centred_text(strip, note, (height // 2, _LEGEND_NOTE_H - 5), 0.4)
+    x_note = x + _LEGEND_BAR + _LEGEND_TEXT - _LEGEND_NOTE_H
+    canvas[top : top + height, x_note : x_note + _LEGEND_NOTE_H] = np.rot90(strip, k=-1)
 
 
 def write_confusion_png(matrix: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str = "") -> Path:

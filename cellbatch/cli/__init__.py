@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "normalise": ("cellbatch.cli.normalise", "normalise", "Fit colour-normalisation profiles."),
     "eval": ("cellbatch.cli.eval", "eval_", "Measure detection against ground truth (boxes, centred captures)."),
     "check": ("cellbatch.cli.check", "check", "Re-check an existing output with a classifier."),
+    "report": ("cellbatch.cli.report", "report", "Write an HTML report of an output folder (montages, heat maps)."),
+    "export-images": ("cellbatch.cli.export_images", "export_images", "Write per-cell PNGs of an output folder."),
     "classifier": ("cellbatch.cli.classifier", "classifier", "Train a reference white-cell classifier."),
     "pair": ("cellbatch.cli.pair", "pair", "Pair and align DM1200 and DM96 captures for training."),
     "train": ("cellbatch.cli.train", "train", "Train a generator (L1Net, L1GAN, ccGAN, pcNET)."),

@@ -45,9 +45,12 @@ from cellbatch.cli.options import (
 @click.option("--processes", type=click.IntRange(min=0), default=0, show_default=True,
               help="Run the CPU stages in N local worker processes instead of threads (scales on many cores).")
 @click.option("--force", is_flag=True, help="Redo every slide, even those whose output is complete and unchanged.")
+@click.option("--report", "write_report", is_flag=True,
+              help="Write OUT/report.html at the end (run header, slides, montages, heat maps).")
 @quiet_option
 @json_option
-def run(sources: tuple[Path, ...], out: Path, classes: str | None, quiet: bool, as_json: bool, **options: Any) -> None:
+def run(sources: tuple[Path, ...], out: Path, classes: str | None, quiet: bool, as_json: bool, write_report: bool,
+        **options: Any) -> None:
     """Convert the captures in SOURCES (folders or Zarr stores) into OUT.
 
     Each slide (a leaf folder of captures, or one Zarr array) gets OUT/<slide>/cells.csv, cells.zarr
@@ -68,7 +71,23 @@ def run(sources: tuple[Path, ...], out: Path, classes: str | None, quiet: bool, 
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
         print_summary(summary)
+    if write_report:
+        report_of(out, quiet=quiet)
     sys.exit(summary["exit_code"])
+
+
+def report_of(out: Path, *, quiet: bool) -> None:
+    """The HTML report of OUT; a report that cannot be written is a warning, the run's results stand."""
+    from cellbatch.errors import CellbatchError
+    from cellbatch.report import build_report
+
+    try:
+        result = build_report(out)
+    except CellbatchError as exc:
+        click.echo(f"cellbatch: warning: no report written: {exc}", err=True)
+        return
+    if not quiet:
+        click.echo(f"cellbatch: report in {result.path}", err=True)
 
 
 @contextmanager
