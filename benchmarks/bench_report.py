@@ -102,8 +102,9 @@ def make_out(out: Path, cells: int, slides: int, chunks: dict[str, Path]) -> Non
     rng = np.random.default_rng(1)
     per_slide = [cells // slides + (1 if i < cells % slides else 0) for i in range(slides)]
     entries = [write_slide(out, f"day{i // 100:02d}/slide{i:04d}", n, chunks, rng) for i, n in enumerate(per_slide)]
-    run = {"cellbatch_version": "bench", "command": ["cellbatch", "run", "bench"], "started": "2026-01-01T00:00:00+00:00",
-           "finished": "2026-01-01T01:00:00+00:00", "exit_code": 0, "slides": entries, "failures": []}
+    run = {"cellbatch_version": "bench", "command": ["cellbatch", "run", "bench"], "exit_code": 0,
+           "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T01:00:00+00:00",
+           "slides": entries, "failures": []}
     (out / "run.json").write_text(json.dumps(run), encoding="utf-8")
 
 
@@ -144,7 +145,8 @@ def main() -> None:
               f"{figures['html_mib']:>10.2f} {figures['sampled']:>6}")
     base = rows[0][2]
     for cells, slides, figures in rows[1:]:
-        print(f"{cells:,} cells in {slides} slides against the first row: time x{figures['seconds'] / base['seconds']:.2f}, "
+        print(f"{cells:,} cells in {slides} slides against the first row: "
+              f"time x{figures['seconds'] / base['seconds']:.2f}, "
               f"peak RSS x{figures['peak_rss_mib'] / base['peak_rss_mib']:.2f}")
     if not args.keep:
         import shutil
