@@ -8,6 +8,7 @@ output class is confident enough), so the diagonal sum over the total is the agr
 from __future__ import annotations
 
 import csv
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,11 +94,20 @@ def row_fractions(matrix: np.ndarray) -> np.ndarray:
 
 def heat_colours(fraction: np.ndarray) -> np.ndarray:
     """Viridis RGB (..., 3) uint8 for fractions in [0, 1]: the one colour scale of every confusion heat map."""
-    import cv2
-
     fraction = np.asarray(fraction, dtype=np.float64)
     levels = np.round(np.clip(fraction, 0, 1) * 255).astype(np.uint8)
-    return cv2.applyColorMap(levels.reshape(-1, 1), cv2.COLORMAP_VIRIDIS)[:, 0, ::-1].reshape(*fraction.shape, 3)
+    return _viridis()[levels]
+
+
+@functools.cache
+def _viridis() -> np.ndarray:
+    # OpenCV builds its colour table on every applyColorMap call (about 1 ms): build it once.
+    import cv2
+
+    table = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(-1, 1), cv2.COLORMAP_VIRIDIS)[:, 0, ::-1]
+    table = np.ascontiguousarray(table)
+    table.flags.writeable = False
+    return table
 
 
 def ink_for(fraction: float) -> tuple[int, int, int]:

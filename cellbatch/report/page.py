@@ -7,6 +7,7 @@ so even a stray URL in a slide name cannot make the page reach the network.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import shlex
 from collections.abc import Mapping, Sequence
@@ -55,13 +56,13 @@ dl.header dt { color: #616161; } dl.header dd { margin: 0; overflow-wrap: anywhe
 code { font-size: 12px; background: #f5f5f5; padding: 0 3px; }
 table.heat { margin: 4px 0; } table.heat td.c { width: 48px; height: 36px; text-align: center;
   font-variant-numeric: tabular-nums; border: 1px solid #fff; }
-table.heat th { font-weight: normal; font-size: 12px; } table.heat th.col { writing-mode: vertical-rl;
+table.heat th { font-weight: normal; font-size: 12px; vertical-align: middle; } table.heat th.col { writing-mode: vertical-rl;
   transform: rotate(180deg); vertical-align: bottom; text-align: left; height: 90px; padding: 2px; }
 table.heat th.axis { font-weight: 600; text-align: center; }
 .legend { display: flex; align-items: center; gap: 8px; font-size: 12px; margin: 4px 0 12px; }
 .legend .bar { width: 200px; height: 12px; border: 1px solid #999; }
 .heatwrap { display: flex; flex-wrap: wrap; gap: 28px; align-items: flex-start; }
-table.montage td { padding: 2px; } table.montage td.label { font-size: 12px; width: 170px; }
+table.montage td { padding: 2px; } table.montage td.label { font-size: 12px; width: 210px; }
 table.montage img { width: TILEpx; height: TILEpx; display: block; }
 table.montage th { font-weight: 600; font-size: 12px; text-align: center; }
 .disagree { color: #c62828; font-weight: 600; }
@@ -277,6 +278,7 @@ def _plot(png: bytes, alt: str, element_id: str) -> str:
     return f'<p><img class="plot" id="{element_id}" alt="{escape(alt)}" src="{uri}" style="width:750px"></p>'
 
 
+@functools.cache
 def _legend() -> str:
     stops = ", ".join(f"rgb{tuple(int(v) for v in heat_colours(np.array(f)))} {100 * f:.0f}%"
                       for f in np.linspace(0, 1, 9))
@@ -320,6 +322,9 @@ def _identities(slides: Sequence[SlideView], key: str) -> str:
         path = str(item.get("path") or DASH)
         sha = str(item.get("sha256") or "")[:12] or DASH
         state = {True: "trained", False: "UNTRAINED: not a conversion", None: f"trained: {DASH}"}.get(trained, DASH)
+        accuracy = metadata.get("heldout_accuracy")
+        if isinstance(accuracy, int | float) and trained is None:  # a classifier states how well it did instead
+            state = f"held-out accuracy {100 * accuracy:.1f}% on {metadata.get('heldout_images', DASH)} images"
         return f"{path.rsplit('/', 1)[-1]} (sha256 {sha}…, {state})"
 
     return _distinct(slides, describe)
