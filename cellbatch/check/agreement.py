@@ -325,20 +325,27 @@ def agreement_title(name: str, summary: Mapping[str, Any]) -> str:
     """Two lines naming the rate, its base and the QC gate's threshold and outcome, for heat-map titles.
 
     >>> agreement_title("s1", {"agreement": 0.8, "checked": 10, "min_agreement": 0.85, "qc_failed": True})
-    's1: agreement 80.0% of 10 checked cells\nQC FAILED: below --min-agreement 85.0%'
+    's1: agreement 80.0% of 10 checked cells\\nQC FAILED: below --min-agreement 85.0%'
     """
     first = f"{name}: agreement {_percent(summary.get('agreement'))} of {summary.get('checked', 0)} checked cells"
     return f"{first}\n{qc_outcome(summary)}"
 
 
+def qc_state(summary: Mapping[str, Any]) -> str:
+    """``"no gate"``, ``"failed"`` or ``"passed"``: the QC gate's outcome for a slide or run summary."""
+    if summary.get("min_agreement") is None:
+        return "no gate"
+    return "failed" if summary.get("qc_failed") else "passed"
+
+
 def qc_outcome(summary: Mapping[str, Any]) -> str:
     """The QC gate's threshold and outcome in words."""
-    threshold = summary.get("min_agreement")
-    if threshold is None:
-        return "no QC gate (--min-agreement not set)"
-    if summary.get("qc_failed"):
-        return f"QC FAILED: below --min-agreement {_percent(threshold)}"
-    return f"QC passed: at or above --min-agreement {_percent(threshold)}"
+    threshold = _percent(summary.get("min_agreement"))
+    return {
+        "no gate": "no QC gate (--min-agreement not set)",
+        "failed": f"QC FAILED: below --min-agreement {threshold}",
+        "passed": f"QC passed: at or above --min-agreement {threshold}",
+    }[qc_state(summary)]
 
 
 def summarise_run(slides: Mapping[str, Mapping[str, Any]], *, min_agreement: float | None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cellbatch.check.agreement import qc_outcome
+from cellbatch.check.agreement import qc_outcome, qc_state
 from cellbatch.check.confusion import heat_colours, ink_for, row_fractions
 from cellbatch.report.figures import STATUS_COLOURS
 from cellbatch.report.outdir import OutView, SlideView
@@ -56,7 +56,8 @@ dl.header dt { color: #616161; } dl.header dd { margin: 0; overflow-wrap: anywhe
 code { font-size: 12px; background: #f5f5f5; padding: 0 3px; }
 table.heat { margin: 4px 0; } table.heat td.c { width: 48px; height: 36px; text-align: center;
   font-variant-numeric: tabular-nums; border: 1px solid #fff; }
-table.heat th { font-weight: normal; font-size: 12px; vertical-align: middle; } table.heat th.col { writing-mode: vertical-rl;
+table.heat th { font-weight: normal; font-size: 12px; vertical-align: middle; }
+table.heat th.col { writing-mode: vertical-rl;
   transform: rotate(180deg); vertical-align: bottom; text-align: left; height: 90px; padding: 2px; }
 table.heat th.axis { font-weight: 600; text-align: center; }
 .legend { display: flex; align-items: center; gap: 8px; font-size: 12px; margin: 4px 0 12px; }
@@ -287,12 +288,11 @@ def _legend() -> str:
 
 
 def _qc_short(check: Mapping[str, Any]) -> str:
-    threshold = check.get("min_agreement")
-    if threshold is None:
+    state = qc_state(check)
+    if state == "no gate":
         return '<span class="muted">no gate</span>'
-    if check.get("qc_failed"):
-        return f'<span class="warn">FAILED</span> (min {_rate(threshold)})'
-    return f"passed (min {_rate(threshold)})"
+    shown = '<span class="warn">FAILED</span>' if state == "failed" else "passed"
+    return f"{shown} (min {_rate(check['min_agreement'])})"
 
 
 def _badge(status: str) -> str:
