@@ -5,8 +5,9 @@ Each synthetic OUT is laid out exactly as ``cellbatch run --classifier`` writes 
 entry per capture, and a ``cells.zarr`` whose ``crop``, ``generated`` and ``normalised`` arrays hold
 real compressed chunks of synthetic cells (one chunk of 16 cells is encoded once and hard-linked to
 every chunk key, so a 100,000-cell OUT costs seconds and a few MB of disk, while the report still
-decodes real chunks). Every report is built in a fresh process, which reports its own wall time and
-peak RSS; the ratios between rows are what to compare (the machine's load moves the absolute times).
+decodes real chunks). Every report is built in a fresh process, which reports its own wall time, CPU
+time (user + system, which other load on a shared machine inflates far less than wall time) and peak
+RSS; the ratios between rows are what to compare.
 
 Run from the repository root::
 
@@ -115,8 +116,10 @@ def measure(out: Path) -> dict:
         start = time.perf_counter()
         from cellbatch.report import build_report
         result = build_report({str(out)!r})
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         print(json.dumps({{"seconds": time.perf_counter() - start, "build_seconds": result.seconds,
-                          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                          "peak_rss_mib": usage.ru_maxrss / 1024,
                           "html_mib": result.path.stat().st_size / 2**20, "sampled": result.sampled}}))
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -132,7 +135,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     chunks = template_chunks(root / "template")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
-    print(f"{'cells':>8} {'slides':>6} {'seconds':>8} {'peak RSS MiB':>13} {'report MiB':>10} {'shown':>6}")
+    print(f"{'cells':>8} {'slides':>6} {'seconds':>8} {'CPU s':>6} {'peak RSS MiB':>13} {'report MiB':>10} "
+          f"{'shown':>6}")
     rows = []
     for case in args.cases:
         cells, slides = (int(v) for v in case.split(":"))
@@ -141,12 +145,14 @@ def main() -> None:
             make_out(out, cells, slides, chunks)
         figures = measure(out)
         rows.append((cells, slides, figures))
-        print(f"{cells:>8,} {slides:>6} {figures['seconds']:>8.2f} {figures['peak_rss_mib']:>13.1f} "
+        print(f"{cells:>8,} {slides:>6} {figures['seconds']:>8.2f} {figures['cpu_seconds']:>6.2f} "
+              f"{figures['peak_rss_mib']:>13.1f} "
               f"{figures['html_mib']:>10.2f} {figures['sampled']:>6}")
     base = rows[0][2]
     for cells, slides, figures in rows[1:]:
         print(f"{cells:,} cells in {slides} slides against the first row: "
               f"time x{figures['seconds'] / base['seconds']:.2f}, "
+              f"CPU time x{figures['cpu_seconds'] / base['cpu_seconds']:.2f}, "
               f"peak RSS x{figures['peak_rss_mib'] / base['peak_rss_mib']:.2f}")
     if not args.keep:
         import shutil

@@ -102,6 +102,7 @@ def run_header(view: OutView) -> str:
         ("command", _command(run.get("command"))),
         ("cellbatch", _text(run.get("cellbatch_version") or first.get("cellbatch_version"))),
         ("state", _text(run.get("state"))),
+        ("pending", _pending(run.get("pending"))),
         ("model", _identities(slides, "model")),
         ("classifier", _identities(slides, "classifier")),
         ("normalisation", _distinct(slides, _normalisation)),
@@ -374,6 +375,16 @@ def _precision(provenance: Mapping[str, Any]) -> str:
     model = provenance.get("model") or {}
     value = params.get("precision") or (model.get("precision") if isinstance(model, dict) else None)
     return str(value) if value else DASH
+
+
+def _pending(pending: Any) -> str:
+    """Slides an interrupted (or still running) run had not reached."""
+    if not isinstance(pending, list):
+        return DASH
+    if not pending:
+        return "none"
+    names = ", ".join(escape(str(n)) for n in pending[:10])
+    return f"{len(pending)} slide(s): {names}{', …' if len(pending) > 10 else ''}"
 
 
 def _throughput(run: Mapping[str, Any]) -> str:
