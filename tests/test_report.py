@@ -230,7 +230,7 @@ def test_fields_a_run_did_not_write_show_as_a_dash(tmp_path):
     result = build_report(out)
     page = page_of(result.path)
     header = {dt["text"]: dd["text"] for dt, dd in zip(page.find("dt"), page.find("dd"), strict=True)}
-    for field in ("command", "state", "device", "precision", "started", "exit code"):
+    for field in ("command", "state", "pending", "device", "precision", "started", "exit code"):
         assert header[field] == "—", field
     assert header["model"] == "—"  # no provenance fields at all: nothing to say
 
