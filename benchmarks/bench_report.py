@@ -58,8 +58,6 @@ def template_chunks(folder: Path) -> dict[str, Path]:
 
 def write_slide(out: Path, name: str, n: int, chunks: dict[str, Path], rng: np.random.Generator) -> dict:
     """One slide folder of ``n`` cells; returns its run.json entry."""
-    import zarr
-
     from cellbatch.check.agreement import summarise
     from cellbatch.check.confusion import confusion_counts
     from cellbatch.write import CELL_COLUMNS, CHECK_COLUMNS
@@ -75,9 +73,15 @@ def write_slide(out: Path, name: str, n: int, chunks: dict[str, Path], rng: np.r
             writer.writerow([i, f"{name}/capture_{i:05d}.bmp", 0, 192, 112, 448, 368, 320.5, 240.5, 9500, 4200, 0,
                              CLASSES[reference[i]], CLASSES[output[i]], CLASSES[reference[i]], "0.93",
                              int(output[i] == reference[i])])
-    group = zarr.open_group(str(folder / "cells.zarr"), mode="w", zarr_format=3)
+    # The writer's own metadata (codecs included) with this slide's length.
+    template = chunks["crop"].parents[4].parent
+    (folder / "cells.zarr").mkdir()
+    (folder / "cells.zarr" / "zarr.json").write_bytes((template / "zarr.json").read_bytes())
     for array in ARRAYS:
-        group.create_array(array, shape=(n, 256, 256, 3), chunks=(CHUNK, 256, 256, 3), dtype="uint8")
+        meta = json.loads((template / array / "zarr.json").read_text())
+        meta["shape"][0] = n
+        (folder / "cells.zarr" / array).mkdir()
+        (folder / "cells.zarr" / array / "zarr.json").write_text(json.dumps(meta))
         for c in range((n + CHUNK - 1) // CHUNK):
             key = folder / "cells.zarr" / array / "c" / str(c) / "0" / "0" / "0"
             key.parent.mkdir(parents=True, exist_ok=True)
