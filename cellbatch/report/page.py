@@ -54,7 +54,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 dl.header { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 8px 0; }
 dl.header dt { color: #616161; } dl.header dd { margin: 0; overflow-wrap: anywhere; }
 code { font-size: 12px; background: #f5f5f5; padding: 0 3px; }
-table.heat { margin: 4px 0; } table.heat td.c { width: 48px; height: 36px; text-align: center;
+table.heat { margin: 4px 0; } table.heat td.c { width: 48px; height: 36px; text-align: center; vertical-align: middle;
   font-variant-numeric: tabular-nums; border: 1px solid #fff; }
 table.heat th { font-weight: normal; font-size: 12px; vertical-align: middle; }
 table.heat th.col { writing-mode: vertical-rl;
