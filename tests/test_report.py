@@ -222,6 +222,22 @@ def test_the_sample_is_deterministic_and_a_smaller_one_is_part_of_a_larger_one(t
     assert {s for s, _ in ids["a"] + ids["b"]} == {"s1", "s2"}  # spread over slides, not the first one's cells
 
 
+def test_slides_checked_with_different_classes_keep_their_heat_maps_and_say_why_no_run_matrix(tmp_path):
+    from cellbatch.check.agreement import summarise
+
+    out = tmp_path / "out"
+    for name, classes in (("s1", ["a", "b"]), ("s2", ["x", "y", "z"])):
+        write_cells(out, name, classes)
+        matrix = np.eye(len(classes), dtype=np.int64)
+        check = summarise(matrix, classes, cells=len(classes), unsure=0, no_reference=0, min_agreement=None)
+        write_json_atomic(out / name / "provenance.json", {"slide": name, "cells": len(classes), "check": check})
+    page = page_of(build_report(out).path)
+    assert not page.inside("heat-run", "td")
+    assert heat_counts(page, f"heat-{slide_anchor('s1')}") == [1, 0, 0, 1]
+    assert len(heat_counts(page, f"heat-{slide_anchor('s2')}")) == 9
+    assert any("classifiers of different classes" in p["text"] for p in page.find("p"))
+
+
 def test_fields_a_run_did_not_write_show_as_a_dash(tmp_path):
     out = tmp_path / "out"
     write_cells(out, "s", ["a"] * 3)

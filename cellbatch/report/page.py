@@ -148,7 +148,11 @@ def agreement_section(view: OutView, run_check: dict[str, Any] | None, plots: Ma
     parts = ['<section id="agreement"><h2>Cells and agreement</h2>']
     if "cells_per_slide" in plots:
         parts.append(_plot(plots["cells_per_slide"], "cells per slide", "plot-cells-per-slide"))
-    if run_check is None:
+    if run_check is None and any(s.check for s in view.slides):
+        parts.append('<p class="warn">The slides were checked with classifiers of different classes, so there is '
+                     "no run-level matrix: see each slide's heat map below, or re-check them all at once with "
+                     "<code>cellbatch check OUT --classifier CLF.pt</code>.</p>")
+    elif run_check is None:
         parts.append('<p class="muted">No classifier checked this output (run with --classifier, or '
                      "<code>cellbatch check OUT --classifier CLF.pt</code>): no agreement figures.</p>")
     else:
