@@ -136,7 +136,8 @@ def test_classifier_train_writes_both_formats_and_a_model_card(tmp_path: Path) -
     assert exit_info.value.code == 0
     card = (tmp_path / "m" / "MODEL.md").read_text()
     for name in ("clf.pt", "clf.onnx"):
-        assert name in card and load_model(tmp_path / "m" / name, kind="classifier").self_test["status"] == "passed"
+        assert f"`{name}`" in card and f"`{sha256_file(tmp_path / 'm' / name)}`" in card
+        assert load_model(tmp_path / "m" / name, kind="classifier").self_test["status"] == "passed"
     assert "ONNX opset 17" in card and "ms per crop, batch 1" in card
 
 
