@@ -44,6 +44,12 @@ class OutputError(CellbatchError, OSError):
     """The output folder cannot be written (permissions, full disk, path escapes OUT)."""
 
 
+class WorkerLostError(CellbatchError, RuntimeError):
+    """A Dask worker died under a task (``KilledWorker``, e.g. out of memory): its slide fails, the run goes on."""
+
+    exit_code = ExitCode.INPUTS_FAILED
+
+
 class LockedError(CellbatchError, RuntimeError):
     """Another live run holds the output folder."""
 

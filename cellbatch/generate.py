@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cellbatch.errors import ConfigError, ModelError
+from cellbatch.errors import CellbatchError, ConfigError, ModelError, WorkerLostError
 from cellbatch.modelfile import ModelFile, load_model
 
 
@@ -153,7 +153,12 @@ class ClusterGenerator:
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         future = self.client.submit(generate_batch, str(self.model.path.resolve()), self.model.sha256, self.device,
                                     crops, resources={"GPU": 1}, pure=False)
-        return future.result()
+        try:
+            return future.result()
+        except CellbatchError:
+            raise
+        except Exception as exc:  # a lost worker (KilledWorker, closed comm): this slide fails, the run goes on
+            raise WorkerLostError(f"the generator task failed on the cluster: {type(exc).__name__}: {exc}") from exc
 
     def provenance(self) -> dict[str, Any]:
         return {**self.model.provenance(), "ran_on": self.workers}

@@ -108,8 +108,9 @@ def test_unchanged_rerun_skips_without_reading_a_capture(tmp_path, reads, trust_
     assert reads == []
 
 
-def test_recently_written_inputs_are_hashed_before_a_skip(tmp_path, reads):
+def test_recently_written_inputs_are_hashed_before_a_skip(tmp_path, reads, monkeypatch):
     """A stat taken within RACY_SECONDS of a write is not trusted: the rerun reads, then skips."""
+    monkeypatch.setattr(cellbatch.read, "RACY_SECONDS", 3600.0)  # however slow the machine, "recent"
     write_slides(tmp_path / "in", slides={"a": 2})
     convert([tmp_path / "in"], tmp_path / "out", **TOY)
     reads.clear()
@@ -169,8 +170,10 @@ def _killed(*args, **kwargs):
 
 
 def test_lost_worker_while_hashing_redoes_the_slide(tmp_path, monkeypatch):
-    write_slides(tmp_path / "in", slides={"a": 2, "b": 2})
+    paths = write_slides(tmp_path / "in", slides={"a": 2, "b": 2})
     convert([tmp_path / "in"], tmp_path / "out", **TOY)
+    for path in paths:
+        os.utime(path)  # a new stat: the rerun must hash to know the content is unchanged
     monkeypatch.setattr(cellbatch.pipeline, "hash_captures", _killed)
     report = convert([tmp_path / "in"], tmp_path / "out", **TOY)
     assert statuses(report) == {"a": "done", "b": "done"}
@@ -192,3 +195,41 @@ def test_lost_worker_while_extracting_fails_its_captures_and_the_run_goes_on(tmp
     assert report.exit_code == ExitCode.INPUTS_FAILED
     saved = json.loads((tmp_path / "out" / "run.json").read_text())
     assert saved["exit_code"] == ExitCode.INPUTS_FAILED and "KilledWorker" in json.dumps(saved["failures"])
+
+
+class _LostFuture:
+    def result(self):
+        _killed()
+
+
+class _LostClient:
+    def submit(self, *args, **kwargs):
+        return _LostFuture()
+
+    def scheduler_info(self, **kwargs):
+        return {"workers": {}}
+
+
+def test_lost_generator_worker_fails_its_slide_and_the_run_goes_on(tmp_path, monkeypatch):
+    from cellbatch.errors import WorkerLostError
+    from cellbatch.generate import ClusterGenerator, Generator
+    from tests.models import Identity, save_generator
+
+    model = Generator.load(save_generator(Identity(), tmp_path / "id.pt"), device="cpu")
+    with pytest.raises(WorkerLostError, match="KilledWorker"):
+        ClusterGenerator(model, _LostClient(), device="cpu")(np.zeros((1, 256, 256, 3), np.uint8))
+
+    write_slides(tmp_path / "in", slides={"a": 2, "b": 2})
+    calls = []
+
+    def lost_on_second_slide(crops):
+        calls.append(len(crops))
+        if len(calls) > 1:
+            raise WorkerLostError("the generator task failed on the cluster: KilledWorker: ...")
+        return crops
+
+    monkeypatch.setattr(Generator, "__call__", lambda self, crops: lost_on_second_slide(crops))
+    report = convert([tmp_path / "in"], tmp_path / "out", model=tmp_path / "id.pt", **TOY)
+    assert statuses(report) == {"a": "done", "b": "failed"}
+    saved = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert saved["exit_code"] == ExitCode.INPUTS_FAILED
