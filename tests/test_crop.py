@@ -33,3 +33,15 @@ def test_background_colour_uses_background_labels():
     labels = np.ones((40, 40), np.uint8)
     labels[:20] = 0
     assert background_colour(image, labels).tolist() == [230, 220, 210]
+
+
+def test_median_uint8_equals_numpys_median_truncated():
+    from cellbatch.crop import median_uint8
+
+    rng = np.random.default_rng(3)
+    for n in (16, 17, 255, 4096):
+        for coarse in (False, True):  # ties and gaps in the histogram
+            pixels = rng.integers(0, 256, (n, 3), dtype=np.uint8)
+            if coarse:
+                pixels = pixels // 64 * 64
+            np.testing.assert_array_equal(median_uint8(pixels), np.median(pixels, axis=0).astype(np.uint8))
