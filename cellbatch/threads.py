@@ -178,14 +178,17 @@ def thread_budget(
 
 
 def prefer_passive_openmp() -> None:
-    """Ask OpenMP to sleep, not spin, while its threads wait, unless the user chose a policy.
+    """Quiet the native thread pools that size themselves at load, unless the user set them.
 
-    Spinning threads take the cores the other pools need (measured on the loaded 2-core machine:
-    a generator forward pass with 2 torch threads 450 ms/crop spinning, 250 passive, 230 with one
-    thread). It only reaches an OpenMP runtime not yet loaded: the CLI calls it before any import
-    of torch.
+    OpenMP threads sleep, not spin, while they wait (``OMP_WAIT_POLICY=PASSIVE``): spinning threads
+    take the cores the other pools need (measured on the loaded 2-core machine: a generator forward
+    pass with 2 torch threads 450 ms/crop spinning, 250 passive, 230 with one thread). numpy's
+    OpenBLAS gets one thread (``OPENBLAS_NUM_THREADS=1``): it only sees small matrices here (the
+    detector's circle fit), from every Dask task at once. This reaches only runtimes not yet loaded:
+    the CLI calls it before any command imports numpy or torch.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def apply_budget(budget: ThreadBudget) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,12 @@ def test_run_records_the_budget_and_uses_it(tmp_path):
     import torch
 
     assert torch.get_num_threads() == 1
+
+
+def test_native_pools_are_quietened_unless_the_user_chose(monkeypatch):
+    from cellbatch.threads import prefer_passive_openmp
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    prefer_passive_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["OPENBLAS_NUM_THREADS"] == "4"
