@@ -92,7 +92,8 @@ class SlideWriter:
         self.staging.mkdir()
         self.columns = columns
         self.chunk = chunk
-        self.count = 0
+        self.count = 0  # cells added so far, whether or not the writer thread has written them yet
+        self._written = 0
         self._csv_file = open(_create_new(self.staging / "cells.csv"), "w", newline="", encoding="utf-8")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=list(columns), extrasaction="ignore")
         self._csv.writeheader()
@@ -127,6 +128,7 @@ class SlideWriter:
         The write happens in the background; an error it meets is raised here or by :meth:`commit`.
         """
         self._raise_pending_error()
+        self.count += len(rows)
         self._queue.put((rows, arrays))
 
     def _drain(self) -> None:
@@ -148,8 +150,8 @@ class SlideWriter:
 
     def _write(self, rows: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> None:
         for row in rows:
-            row["cell_id"] = self.count
-            self.count += 1
+            row["cell_id"] = self._written
+            self._written += 1
             self._csv.writerow({k: format_value(row.get(k)) for k in self.columns})
         for name, data in arrays.items():
             self._pending[name].append(np.asarray(data, dtype=np.uint8))

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "classifier": ("cellbatch.cli.classifier", "classifier", "Train a reference white-cell classifier."),
     "pair": ("cellbatch.cli.pair", "pair", "Pair and align DM1200 and DM96 captures for training."),
     "train": ("cellbatch.cli.train", "train", "Train a generator (L1Net, L1GAN, ccGAN, pcNET)."),
+    "schema": ("cellbatch.cli.schema", "schema", "JSON Schemas of run.json, run --json and provenance.json."),
 }
 
 
