@@ -50,13 +50,14 @@ class CaptureRef:
     frame: int
     path: str  # absolute file path, or the Zarr store path
     array_path: str | None = None  # the array inside the Zarr store; None for a capture file
+    axes: str = ""  # an OME-Zarr image's axis roles (see cellbatch.read.Slide); "" for (N, H, W, 3)
 
 
 def capture_refs(slide: Slide) -> list[CaptureRef]:
     """One reference per capture of a (validated) slide, in order."""
     if slide.kind == "zarr":
         source, store = slide.array_path or ".", str(slide.store)
-        return [CaptureRef(source, f, store, slide.array_path) for f in range(slide_frame_count(slide))]
+        return [CaptureRef(source, f, store, slide.array_path, slide.axes) for f in range(slide_frame_count(slide))]
     return [CaptureRef(p.relative_to(slide.root).as_posix(), 0, str(p)) for p in slide.captures]
 
 
@@ -125,7 +126,7 @@ def load_captures(refs: list[CaptureRef], *, decode: bool = True) -> Iterator[Lo
 
 def _zarr_slide(ref: CaptureRef) -> Slide:
     store = Path(ref.path)
-    return Slide(root=store, name=ref.source, kind="zarr", store=store, array_path=ref.array_path or "")
+    return Slide(root=store, name=ref.source, kind="zarr", store=store, array_path=ref.array_path or "", axes=ref.axes)
 
 
 def hash_captures(refs: list[CaptureRef]) -> list[dict[str, Any]]:

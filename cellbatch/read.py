@@ -1,8 +1,9 @@
 """Find slides in the inputs and decode their captures, refusing bad input with a one-line reason.
 
-A slide is one directory of capture files or one Zarr array (N, H, W, 3) uint8. Directories are
-walked recursively; a Zarr store (v2 or v3) is recognised by its metadata file and may be one array
-or a group of arrays, nested groups allowed.
+A slide is one directory of capture files, one Zarr array (N, H, W, 3) uint8, or one OME-Zarr image
+(a plate or well: one per field of view; see :mod:`cellbatch.omezarr`). Directories are walked
+recursively; a Zarr store (v2 or v3) is recognised by its metadata file and may be one array or a
+group of arrays, nested groups allowed.
 
 Every input problem ends as :class:`~cellbatch.errors.InputFormatError` or
 :class:`~cellbatch.errors.InputNotFoundError` with one line naming the file and the problem, or as a
@@ -92,13 +93,18 @@ class Capture(NamedTuple):
 
 @dataclass(frozen=True)
 class Slide:
-    """One unit of work: a folder of capture files or one Zarr array.
+    """One unit of work: a folder of capture files, one Zarr array or one OME-Zarr image.
 
     ``name`` is the slide's path relative to its input root (POSIX form; ``"."`` for the root
     itself); it names the slide's output folder. ``captures`` lists the capture files (directory
     slides) and is empty for Zarr slides, whose frames are read by index from ``array_path``.
     A directory slide with no captures is a folder that could not be listed; :func:`validate_slide`
     says why.
+
+    ``axes`` is empty for a plain (N, H, W, 3) array; for an OME-Zarr image it gives each dimension's
+    role from the metadata (``y``, ``x``, ``c`` channels, ``f`` frames: every index of a time, z or
+    other axis is one capture), e.g. ``"cyx"``. ``problem`` is set for an OME-Zarr image whose
+    metadata cannot be used; :func:`validate_slide` fails the slide with it.
     """
 
     root: Path
@@ -107,6 +113,8 @@ class Slide:
     captures: tuple[Path, ...] = ()
     store: Path | None = None
     array_path: str = ""
+    axes: str = ""
+    problem: str = ""
 
 
 def is_image_file(path: Path) -> bool:
@@ -537,7 +545,7 @@ def validate_slide(slide: Slide, *, limits: ReadLimits = DEFAULT_LIMITS) -> None
                 raise InputFormatError(f"folder {display_path(folder)} cannot be listed: {exc.strerror}") from exc
             raise InputFormatError(f"folder {display_path(folder)} holds no capture files")
         return
-    _check_array(open_slide_array(slide), _zarr_where(slide), limits)
+    SlideFrames(slide, limits=limits)
 
 
 def _check_array(array: zarr.Array, where: str, limits: ReadLimits) -> None:
@@ -548,6 +556,12 @@ def _check_array(array: zarr.Array, where: str, limits: ReadLimits) -> None:
     if array.ndim != 4 or array.shape[3] != 3:
         raise InputFormatError(f"{where} has shape {array.shape}; a slide array must be (N, H, W, 3) RGB")
     frames, height, width, _ = array.shape
+    _check_frame_count(array, frames, where, limits)
+    _check_size(width, height, f"{where} (each frame)", limits)
+    _check_chunk_bytes(array, where, limits)
+
+
+def _check_frame_count(array: zarr.Array, frames: int, where: str, limits: ReadLimits) -> None:
     if frames == 0:
         raise InputFormatError(f"{where} holds no frames (shape {array.shape})")
     if frames > limits.max_frames:
@@ -555,7 +569,9 @@ def _check_array(array: zarr.Array, where: str, limits: ReadLimits) -> None:
             f"{where} declares {frames} frames, more than the {limits.max_frames} a slide may hold: "
             "split it into several arrays"
         )
-    _check_size(width, height, f"{where} (each frame)", limits)
+
+
+def _check_chunk_bytes(array: zarr.Array, where: str, limits: ReadLimits) -> None:
     chunk_bytes = math.prod(array.chunks) * array.dtype.itemsize
     if chunk_bytes > limits.max_chunk_bytes:
         raise InputFormatError(
@@ -568,6 +584,8 @@ def slide_frame_count(slide: Slide) -> int:
     """Number of captures in a slide: capture files, or the first axis of a Zarr array."""
     if slide.kind == "dir":
         return len(slide.captures)
+    if slide.axes:
+        return _ome_frame_count(open_slide_array(slide), slide.axes)
     return int(open_slide_array(slide).shape[0])
 
 
@@ -598,10 +616,18 @@ class SlideFrames:
 
     def __init__(self, slide: Slide, *, limits: ReadLimits = DEFAULT_LIMITS) -> None:
         self.where = _zarr_where(slide)
+        self.axes = slide.axes
+        if slide.problem:
+            raise InputFormatError(f"{self.where}: {slide.problem}")
         self.array = open_slide_array(slide)
-        _check_array(self.array, self.where, limits)
+        if self.axes:
+            _check_ome_array(self.array, self.axes, self.where, limits)
+        else:
+            _check_array(self.array, self.where, limits)
 
     def read(self, index: int) -> Capture:
+        if self.axes:
+            return _read_ome_frame(self.array, self.axes, self.where, index)
         count = self.array.shape[0]
         if not 0 <= index < count:
             raise IndexError(f"frame {index} outside 0..{count - 1} of {self.where}")
@@ -648,18 +674,67 @@ def absent_frames(slide: Slide) -> list[int]:
 
 def _missing_chunk(array: zarr.Array, index: int) -> str | None:
     """Store key of the first chunk (or shard) of frame ``index`` that is absent, else None."""
+    return _missing_chunk_at(array, (index, *(None,) * (array.ndim - 1)))
+
+
+def _missing_chunk_at(array: zarr.Array, selection: tuple[int | None, ...]) -> str | None:
+    """Store key of the first chunk (or shard) that ``selection`` reads and is absent, else None.
+
+    ``selection`` holds one index per axis, or ``None`` for the whole axis.
+    """
     from zarr.core.sync import sync
 
     grid = array.shards or array.chunks
-    counts = [math.ceil(size / step) for size, step in zip(array.shape[1:], grid[1:], strict=True)]
+    ranges = [range(math.ceil(size / step)) if at is None else (at // step,)
+              for size, step, at in zip(array.shape, grid, selection, strict=True)]
     store = array.store_path.store
     prefix = array.store_path.path
-    for rest in itertools.product(*(range(n) for n in counts)):
-        key = array.metadata.encode_chunk_key((index // grid[0], *rest))
+    for chunk in itertools.product(*ranges):
+        key = array.metadata.encode_chunk_key(chunk)
         full = f"{prefix}/{key}" if prefix else key
         if not sync(store.exists(full)):
             return full
     return None
+
+
+def _ome_frame_count(array: zarr.Array, axes: str) -> int:
+    return math.prod(size for size, role in zip(array.shape, axes, strict=True) if role == "f")
+
+
+def _check_ome_array(array: zarr.Array, axes: str, where: str, limits: ReadLimits) -> None:
+    """An OME-Zarr image's full resolution: axes as the metadata says, 1, 3 or 4 channels, frames within limits."""
+    if array.ndim != len(axes):
+        raise InputFormatError(f"{where} has {array.ndim} dimensions but its OME-Zarr metadata names {len(axes)} axes")
+    sizes = dict(zip(axes, array.shape, strict=True))
+    if sizes.get("c", 1) not in (1, 3, 4):
+        raise InputFormatError(
+            f"{where} has {sizes['c']} channels; a capture is RGB (3), RGBA (4) or grayscale (1): export it as RGB"
+        )
+    _check_frame_count(array, _ome_frame_count(array, axes), where, limits)
+    _check_size(sizes["x"], sizes["y"], f"{where} (each frame)", limits)
+    _check_chunk_bytes(array, where, limits)
+
+
+def _read_ome_frame(array: zarr.Array, axes: str, where: str, index: int) -> Capture:
+    """Frame ``index`` (over the frame axes in C order) of an OME-Zarr image as (H, W, 3) uint8 RGB."""
+    frame_axes = [i for i, role in enumerate(axes) if role == "f"]
+    count = _ome_frame_count(array, axes)
+    if not 0 <= index < count:
+        raise IndexError(f"frame {index} outside 0..{count - 1} of {where}")
+    selection: list[int | None] = [None] * array.ndim
+    for axis, at in zip(frame_axes, np.unravel_index(index, [array.shape[i] for i in frame_axes]), strict=True):
+        selection[axis] = int(at)
+    where = f"{where} frame {index}"
+    missing = _missing_chunk_at(array, tuple(selection))
+    if missing is not None:
+        raise InputFormatError(f"{where} is missing: chunk {missing!r} is absent from the store (copy incomplete?)")
+    try:
+        pixels = np.asarray(array[tuple(slice(None) if at is None else at for at in selection)])
+    except Exception as exc:  # codecs raise many types for damaged chunk bytes
+        raise InputFormatError(f"{where} could not be decoded ({_one_line(exc)})") from exc
+    kept = [role for role in axes if role != "f"]  # the order of pixels' axes
+    order = [kept.index("y"), kept.index("x"), *([kept.index("c")] if "c" in kept else [])]
+    return convert_to_rgb8(np.transpose(pixels, order), where=where)
 
 
 def _zarr_where(slide: Slide) -> str:
@@ -805,6 +880,16 @@ def _zarr_slides(root: Path, store: Path, name: str) -> list[Slide]:
 
 
 def _zarr_group_slides(root: Path, store: Path, group: zarr.Group, name: str) -> Iterator[Slide]:
+    from cellbatch.omezarr import ome_attributes, ome_images
+
+    if ome_attributes(store, group.path) is not None:  # an image, plate or well: not its pyramid levels
+        for image in ome_images(store, group.path):
+            slide_name = image.name or name
+            if name != "." and image.name:
+                slide_name = f"{name}/{image.name}"
+            yield Slide(root, slide_name, "zarr", store=store, array_path=image.array_path, axes=image.axes,
+                        problem=image.problem)
+        return
     for key, _ in sorted(group.arrays(), key=lambda kv: kv[0]):
         path = f"{group.path}/{key}" if group.path else key
         slide_name = key if name == "." else f"{name}/{key}"

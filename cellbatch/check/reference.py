@@ -16,7 +16,7 @@ import numpy as np
 
 from cellbatch.detect.base import Cell, Detector, DetectSettings
 from cellbatch.errors import CellbatchError, InputNotFoundError
-from cellbatch.read import as_rgb8, is_image_file, is_zarr_store, read_image
+from cellbatch.read import Slide, discover_slides, is_image_file, is_zarr_store, read_frame, read_image
 
 CROP_SIZE = 256
 _Capture = tuple[np.ndarray, tuple[Cell, ...], np.ndarray]
@@ -67,7 +67,8 @@ class ReferenceSource:
         self.cache_size = cache_size
         # (slide, source, frame) -> (capture, its cells, its background colour), or None when unusable
         self._captures: OrderedDict[tuple[str | None, str, int], _Capture | None] = OrderedDict()
-        self._arrays: dict[tuple[str | None, str], Any] = {}
+        self._zarr_slides: dict[tuple[str | None, str], Slide | None] = {}
+        self._stores: dict[Path, list[Slide]] = {}
 
     def crops_for(self, rows: list[dict[str, Any]], *, slide: str | None = None) -> list[np.ndarray | None]:
         """The reference crop of each row, (256, 256, 3) uint8, or ``None`` when there is none.
@@ -135,21 +136,24 @@ class ReferenceSource:
         path = self.root / source
         if path.is_file() and is_image_file(path):
             return read_image(path)
-        array = self._zarr_array(source, slide)
-        if array is None or not 0 <= frame < array.shape[0]:
+        found = self._zarr_slide(source, slide)
+        if found is None:
             return None
-        return as_rgb8(np.asarray(array[frame]), f"{self.root}/{source} frame {frame}")
+        try:  # the run's reader, with its checks: a reference is read like an input
+            return read_frame(found, frame).image
+        except IndexError:
+            return None
 
-    def _zarr_array(self, source: str, slide: str | None) -> Any:
-        """The Zarr array holding ``source``'s frames, or ``None``.
+    def _zarr_slide(self, source: str, slide: str | None) -> Slide | None:
+        """The Zarr slide (array or OME-Zarr image) holding ``source``'s frames, or ``None``.
 
         ``source`` is the array path inside its store (``"."`` for a store that is one array). The
         store is the reference root itself, or the folder the slide name gives below the root (the
         slide name minus the array path).
         """
         key = (slide, source)
-        if key in self._arrays:
-            return self._arrays[key]
+        if key in self._zarr_slides:
+            return self._zarr_slides[key]
         inner = "/".join(p for p in source.split("/") if p not in ("", "."))
         candidates: list[tuple[Path, str]] = []
         if is_zarr_store(self.root):
@@ -158,25 +162,12 @@ class ReferenceSource:
             store = slide[: -len(inner) - 1] if inner and slide.endswith("/" + inner) else slide
             if store and is_zarr_store(self.root / store):
                 candidates.append((self.root / store, inner))
-        array = None
+        found = None
         for store, path in candidates:
-            array = _open_array(store, path)
-            if array is not None:
+            if store not in self._stores:
+                self._stores[store] = [s for s in discover_slides(store) if s.kind == "zarr"]
+            found = next((s for s in self._stores[store] if s.array_path.strip("/") == path), None)
+            if found is not None:
                 break
-        self._arrays[key] = array
-        return array
-
-
-def _open_array(store: Path, inner: str) -> Any:
-    import zarr
-
-    try:
-        node = zarr.open(store=str(store), mode="r")
-        if inner:
-            node = node[inner]
-    except Exception:  # a missing path raises KeyError, FileNotFoundError or zarr's own errors
-        return None
-    # Anything but an (N, H, W, 3|4) array is not a capture stack: its cells count as no_reference.
-    if not isinstance(node, zarr.Array) or node.ndim != 4 or node.shape[-1] not in (3, 4):
-        return None
-    return node
+        self._zarr_slides[key] = found
+        return found

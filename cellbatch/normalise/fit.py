@@ -28,7 +28,7 @@ from cellbatch.normalise.hm import fit_hm
 from cellbatch.normalise.macenko import fit_macenko
 from cellbatch.normalise.profile import METHODS, write_profile
 from cellbatch.normalise.reinhard import fit_reinhard
-from cellbatch.read import as_rgb8, discover_slides, read_image
+from cellbatch.read import discover_slides, read_frame, slide_frame_count, validate_slide
 
 NEEDS_SOURCE = ("hm", "global")
 
@@ -39,19 +39,11 @@ def iter_captures(src: str | Path, *, limit: int | None = None) -> Iterator[np.n
 
 
 def _all_captures(src: Path) -> Iterator[np.ndarray]:
+    # the reader of `cellbatch run`, so a profile is fitted from exactly the inputs a run accepts
     for slide in discover_slides(src):
-        if slide.kind == "dir":
-            for path in slide.captures:
-                yield read_image(path)
-            continue
-        import zarr
-
-        where = f"{slide.store}/{slide.array_path}".rstrip("/")
-        array = zarr.open_array(store=str(slide.store), path=slide.array_path, mode="r")
-        if array.ndim != 4:
-            raise InputFormatError(f"Zarr array {where} has shape {array.shape}, not (N, H, W, 3) captures")
-        for i in range(array.shape[0]):
-            yield as_rgb8(np.asarray(array[i]), f"{where}[{i}]")
+        validate_slide(slide)
+        for i in range(slide_frame_count(slide)):
+            yield read_frame(slide, i).image
 
 
 class CaptureSet:
