@@ -45,6 +45,7 @@ def convert(
     threads: int | None = None,
     force: bool = False,
     command: list[str] | None = None,
+    run_options: dict[str, Any] | None = None,
     on_progress: Callable[[int, int, int], None] = lambda captures, cells, slides: None,
     on_plan: Callable[[int, int], None] = lambda captures, slides: None,
     on_warning: Callable[[str], None] = lambda message: None,
@@ -53,7 +54,9 @@ def convert(
 
     Problems with the run as a whole (missing input, unusable model, locked or unwritable ``out``)
     raise a :class:`~cellbatch.errors.CellbatchError`; problems with single captures or slides are
-    recorded in the returned report (and ``out/run.json``) and the run goes on.
+    recorded in the returned report (and ``out/run.json``) and the run goes on. ``run_options`` is
+    recorded as the ``options`` of each slide's provenance (the CLI passes the resolved command line
+    and config file).
     """
     from cellbatch.threads import apply_budget, prefer_passive_openmp, thread_budget
 
@@ -96,6 +99,7 @@ def convert(
             clear_staging(out)
         provenance = base_provenance(settings, stages, source_paths, out, resolved)
         provenance["command"] = report.command
+        provenance["options"] = run_options
         key_extra = {
             "model_sha256": stages.generator.model.sha256 if stages.generator is not None else None,
             "classifier_sha256": stages.check.provenance()["sha256"] if stages.check is not None else None,

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from cellbatch.cli.config import config_option, resolved_options
 from cellbatch.cli.options import (
     agreement_options,
     cell_diameter_option,
@@ -49,13 +50,17 @@ from cellbatch.cli.options import (
               help="Write OUT/report.html at the end (run header, slides, montages, heat maps).")
 @quiet_option
 @json_option
+@config_option
 def run(sources: tuple[Path, ...], out: Path, classes: str | None, quiet: bool, as_json: bool, write_report: bool,
-        **options: Any) -> None:
+        config: Path | None, **options: Any) -> None:
     """Convert the captures in SOURCES (folders or Zarr stores) into OUT.
 
     Each slide (a leaf folder of captures, or one Zarr array) gets OUT/<slide>/cells.csv, cells.zarr
     and provenance.json; OUT/run.json sums up the run. Exit codes: 0 all done, 3 could not run,
     4 finished but some inputs failed, 5 finished but some slides failed QC.
+
+    Every option (and SOURCES, as `sources`) can come from --config FILE.toml under its long name;
+    the command line wins, and the values used go into each provenance.json.
     """
     from cellbatch.api import convert
 
@@ -64,7 +69,7 @@ def run(sources: tuple[Path, ...], out: Path, classes: str | None, quiet: bool, 
         report = convert(
             sources, out, classes=class_list, command=["cellbatch", *sys.argv[1:]], on_progress=on_progress,
             on_plan=on_plan, on_warning=lambda message: click.echo(f"cellbatch: warning: {message}", err=True),
-            **options,
+            run_options=resolved_options(click.get_current_context()), **options,
         )
     summary = report.to_dict()
     if as_json:
