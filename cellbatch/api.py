@@ -109,7 +109,18 @@ def convert(
                    key_extra=key_extra, report=report, on_progress=on_progress, on_plan=on_plan)
         report.finished = utc_now()
         report.save()
+        write_crate(out, report, source_paths)
     return report
+
+
+def write_crate(out: Path, report: RunReport, sources: list[Path]) -> None:
+    """OUT/ro-crate-metadata.json beside run.json (see :mod:`cellbatch.crate`)."""
+    from cellbatch.crate import write_run_crate
+    from cellbatch.pipeline import slide_names
+    from cellbatch.safepath import output_errors
+
+    with output_errors(out, doing="write the RO-Crate metadata into"):
+        write_run_crate(out, report.to_dict(), slide_names(sources, exclude=(out,)))
 
 
 def use_gpu_workers(stages: Stages, client: Any, *, device: str, report: RunReport) -> None:
