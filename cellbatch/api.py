@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cellbatch import __version__
 from cellbatch.errors import ConfigError, InputNotFoundError
 from cellbatch.extract import ExtractSettings
 from cellbatch.pipeline import RunReport, RunSettings, Stages, base_provenance, run_slides
@@ -63,6 +64,7 @@ def convert(
     prefer_passive_openmp()  # before torch loads, when convert is the first to import it
     from cellbatch.generate import resolve_device
     from cellbatch.lock import RunLock
+    from cellbatch.runlog import SlideTimes, run_log
     from cellbatch.safepath import check_out_apart, check_writable, output_errors
     from cellbatch.write import clear_staging
 
@@ -92,7 +94,10 @@ def convert(
             report.notes.append(f"model {model} is UNTRAINED (exported with --untrained): "
                                 "its output is not a conversion")
             on_warning(report.notes[-1])
-    with RunLock(out), dask_client(scheduler, budget.dask_workers, processes=processes) as client:
+    with RunLock(out), run_log(out) as log, dask_client(scheduler, budget.dask_workers, processes=processes) as client:
+        log.info("cellbatch %s: %s", __version__, " ".join(report.command))
+        for note in report.notes:
+            log.warning(note)
         if scheduler and stages.generator is not None:
             use_gpu_workers(stages, client, device=device, report=report)
         with output_errors(out, doing="prepare the staging folder in"):
@@ -105,12 +110,26 @@ def convert(
             "classifier_sha256": stages.check.provenance()["sha256"] if stages.check is not None else None,
             "normalisers": provenance["normalisation"],
         }
+        times = SlideTimes(report.slides)
         run_slides(source_paths, out, settings=settings, stages=stages, client=client, provenance_base=provenance,
-                   key_extra=key_extra, report=report, on_progress=on_progress, on_plan=on_plan)
+                   key_extra=key_extra, report=report, on_progress=times.wrap(on_progress), on_plan=on_plan)
+        times.flush()
         report.finished = utc_now()
         report.save()
         write_crate(out, report, source_paths)
+        log_summary(log, report.to_dict())
     return report
+
+
+def log_summary(log: logging.Logger, summary: dict[str, Any]) -> None:
+    """The terminal's closing summary, and every failure, into the log."""
+    from cellbatch.runlog import failure_lines, summary_lines
+
+    for line in summary_lines(summary):
+        log.info(line)
+    for line in failure_lines(summary):
+        log.warning(line)
+    log.info("exit code %d", summary["exit_code"])
 
 
 def write_crate(out: Path, report: RunReport, sources: list[Path]) -> None:

@@ -126,12 +126,9 @@ def progress_bar(quiet: bool) -> Iterator[tuple[Callable[[int, int], None], Call
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    by_status = summary["slides_by_status"]
-    parts = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items())) or "no slides"
-    click.echo(f"cellbatch: {len(summary['slides'])} slide(s): {parts}; {summary['captures']} captures, "
-               f"{summary['cells']} cells, {summary['failed_captures']} failed captures", err=True)
-    click.echo(f"cellbatch: generation {summary['generation']}; results in {summary['out']} (see run.json)", err=True)
-    for failure in summary["failures"][:20]:
-        click.echo(f"  failed: {failure.get('slide')}: {failure.get('reason')}", err=True)
-    if len(summary["failures"]) > 20:
-        click.echo(f"  ... and {len(summary['failures']) - 20} more in run.json", err=True)
+    from cellbatch.runlog import failure_lines, summary_lines
+
+    for line in summary_lines(summary):
+        click.echo(f"cellbatch: {line}", err=True)
+    for line in failure_lines(summary, limit=20):
+        click.echo(f"  {line}", err=True)
