@@ -21,6 +21,7 @@ from cellbatch.errors import ConfigError, InputNotFoundError
 from cellbatch.extract import ExtractSettings
 from cellbatch.pipeline import RunReport, RunSettings, Stages, base_provenance, run_slides
 from cellbatch.provenance import utc_now
+from cellbatch.shard import SharedRunReport, SlideClaims
 
 
 def convert(
@@ -45,6 +46,7 @@ def convert(
     processes: int = 0,
     threads: int | None = None,
     force: bool = False,
+    shard: tuple[int, int] | None = None,
     command: list[str] | None = None,
     run_options: dict[str, Any] | None = None,
     on_progress: Callable[[int, int, int], None] = lambda captures, cells, slides: None,
@@ -58,6 +60,9 @@ def convert(
     recorded in the returned report (and ``out/run.json``) and the run goes on. ``run_options`` is
     recorded as the ``options`` of each slide's provenance (the CLI passes the resolved command line
     and config file).
+
+    With ``shard=(I, N)`` the run does its share of the slides beside other runs into the same
+    ``out`` (see :mod:`cellbatch.shard`): the report lists its own slides, ``out/run.json`` all of them.
     """
     from cellbatch.threads import apply_budget, prefer_passive_openmp, thread_budget
 
@@ -87,21 +92,25 @@ def convert(
     stages = load_stages(settings, model=model, model_sha256=model_sha256, classifier=classifier, classes=classes,
                          reference=reference, min_agreement=min_agreement, min_confidence=min_confidence)
     check_writable(out)
-    report = RunReport(out=out, command=command or list(sys.argv), started=utc_now(), min_agreement=min_agreement)
+    report_type = RunReport if shard is None else SharedRunReport
+    report = report_type(out=out, command=command or list(sys.argv), started=utc_now(), min_agreement=min_agreement)
     if stages.generator is not None:
         report.generation = f"{model} on {resolved}"
         if stages.generator.model.metadata.get("trained") is False:
             report.notes.append(f"model {model} is UNTRAINED (exported with --untrained): "
                                 "its output is not a conversion")
             on_warning(report.notes[-1])
-    with RunLock(out), run_log(out) as log, dask_client(scheduler, budget.dask_workers, processes=processes) as client:
+    with RunLock(out, shared=shard is not None), run_log(out) as log, \
+            dask_client(scheduler, budget.dask_workers, processes=processes) as client, \
+            shard_claims(out, shard) as claims:
         log.info("cellbatch %s: %s", __version__, " ".join(report.command))
         for note in report.notes:
             log.warning(note)
         if scheduler and stages.generator is not None:
             use_gpu_workers(stages, client, device=device, report=report)
-        with output_errors(out, doing="prepare the staging folder in"):
-            clear_staging(out)
+        if shard is None:  # a shard leaves it alone: other shards' slides are being written there
+            with output_errors(out, doing="prepare the staging folder in"):
+                clear_staging(out)
         provenance = base_provenance(settings, stages, source_paths, out, resolved)
         provenance["command"] = report.command
         provenance["options"] = run_options
@@ -112,7 +121,8 @@ def convert(
         }
         times = SlideTimes(report.slides)
         run_slides(source_paths, out, settings=settings, stages=stages, client=client, provenance_base=provenance,
-                   key_extra=key_extra, report=report, on_progress=times.wrap(on_progress), on_plan=on_plan)
+                   key_extra=key_extra, report=report, on_progress=times.wrap(on_progress), on_plan=on_plan,
+                   claims=claims)
         times.flush()
         report.finished = utc_now()
         report.save()
@@ -133,13 +143,27 @@ def log_summary(log: logging.Logger, summary: dict[str, Any]) -> None:
 
 
 def write_crate(out: Path, report: RunReport, sources: list[Path]) -> None:
-    """OUT/ro-crate-metadata.json beside run.json (see :mod:`cellbatch.crate`)."""
+    """OUT/ro-crate-metadata.json beside run.json (see :mod:`cellbatch.crate`); every shard's slides."""
     from cellbatch.crate import write_run_crate
     from cellbatch.pipeline import slide_names
     from cellbatch.safepath import output_errors
 
     with output_errors(out, doing="write the RO-Crate metadata into"):
-        write_run_crate(out, report.to_dict(), slide_names(sources, exclude=(out,)))
+        if isinstance(report, SharedRunReport):
+            with report.current() as summary:
+                write_run_crate(out, summary, slide_names(sources, exclude=(out,)))
+        else:
+            write_run_crate(out, report.to_dict(), slide_names(sources, exclude=(out,)))
+
+
+@contextmanager
+def shard_claims(out: Path, shard: tuple[int, int] | None) -> Iterator[SlideClaims | None]:
+    """The per-slide claims of a sharded run (released however the run ends); ``None`` without a shard."""
+    if shard is None:
+        yield None
+        return
+    with SlideClaims(out, shard) as claims:
+        yield claims
 
 
 def use_gpu_workers(stages: Stages, client: Any, *, device: str, report: RunReport) -> None:

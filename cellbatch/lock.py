@@ -35,6 +35,11 @@ class RunLock:
     ----------
     out : Path
         The output folder; created if missing.
+    name : str
+        The lock file's name inside ``out`` (per-slide claims use one each; see :mod:`cellbatch.shard`).
+    shared : bool
+        Take a shared lock: any number of shared holders (``--shard`` runs) may hold OUT together,
+        while an exclusive holder (a run without ``--shard``) excludes them all.
 
     Raises
     ------
@@ -57,9 +62,11 @@ class RunLock:
     ...     run_all_slides(out)
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, *, name: str = LOCK_NAME, shared: bool = False) -> None:
         self.out = Path(out)
-        self.path = self.out / LOCK_NAME
+        self.path = self.out / name
+        self.shared = shared
+        self.holder: dict[str, object] | None = None  # who held it, after a LockedError
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
@@ -85,11 +92,11 @@ class RunLock:
         for _ in range(_ATTEMPTS):
             fd = self._open()
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_info(fd)
+                self.holder = _read_info(fd)
                 os.close(fd)
-                raise LockedError(self._message(holder)) from None
+                raise LockedError(self._message(self.holder)) from None
             except OSError as exc:
                 os.close(fd)
                 raise output_error(exc, path=self.path, doing="lock") from exc
@@ -128,8 +135,10 @@ class RunLock:
             return
         fd, self._fd = self._fd, None
         try:
-            # unlink while still locked, so no one can lock the old file after we let go of it
-            self.path.unlink(missing_ok=True)
+            # unlink while still locked, so no one can lock the old file after we let go of it; a
+            # shared holder leaves it to the others that may still hold it
+            if not self.shared:
+                self.path.unlink(missing_ok=True)
         finally:
             os.close(fd)
 

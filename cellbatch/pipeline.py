@@ -481,23 +481,31 @@ def run_slides(
     report: RunReport,
     on_progress: Callable[[int, int, int], None] = lambda captures, cells, slides: None,
     on_plan: Callable[[int, int], None] = lambda captures, slides: None,
+    claims: Any = None,
 ) -> RunReport:
-    """Process every slide of ``sources`` into ``out``; every slide ends done, skipped or failed."""
+    """Process every slide of ``sources`` into ``out``; every slide ends done, skipped or failed.
+
+    With ``claims`` (a :class:`cellbatch.shard.SlideClaims`), only the slides of its shard are
+    listed, and each is claimed before it is planned; one that another live run holds is skipped.
+    """
     # OUT may sit inside a SRC folder: never read our own results back as captures.
     hash_map = dask_hash_map(client)
-    listed = list(slide_names(sources, exclude=(out,)))
-    on_plan(sum(_capture_count(s) for s, _ in listed), len(listed))
-    clashes = output_clashes(out, [n for _, n in listed], [_input_label(s) for s, _ in listed])
+    # clashes are judged over every slide, whichever shard this run does
+    everything = list(slide_names(sources, exclude=(out,)))
+    clashes = output_clashes(out, [n for _, n in everything], [_input_label(s) for s, _ in everything])
+    listed = [(i, s, n) for i, (s, n) in enumerate(everything) if claims is None or claims.selects(n)]
+    on_plan(sum(_capture_count(s) for _, s, _ in listed), len(listed))
     plans = (
         SlidePlan(slide=s, name=n, action="fail", reason=clashes[i]) if i in clashes
-        else plan_slide(s, n, out, settings, key_extra, hash_map=hash_map)
-        for i, (s, n) in enumerate(listed)
+        else _claim_and_plan(s, n, out, settings, key_extra, hash_map, claims)
+        for i, s, n in listed
     )
     window = 2 * max(1, _worker_threads(client))
     current: SlideRun | None = None
     for plan, i, n, results in schedule(client, plans, settings, window):
         if plan.action != "run":
             _finish_without_run(plan, report, on_progress)
+            _release(claims, plan)
             continue
         if i > 0 and (current is None or current.plan is not plan):
             continue  # the slide already failed on an earlier chunk
@@ -516,6 +524,7 @@ def run_slides(
                     report.failures.extend({"slide": plan.name, **f} for f in plan.failures)
                     current = None
                     report.save(every=5.0)
+                    _release(claims, plan)
         except CellbatchError as exc:
             if _stops_the_run(exc):
                 if current is not None:
@@ -524,6 +533,7 @@ def run_slides(
             _fail_slide(plan, current, str(exc), report)
             on_progress(0, 0, 1)
             current = None
+            _release(claims, plan)
     return report
 
 
@@ -538,6 +548,19 @@ def _input_label(slide: Slide) -> str:
     if slide.kind == "zarr" and slide.array_path:
         return display_path(f"{slide.store}/{slide.array_path}")
     return display_path(slide.root if slide.name == "." else slide.root / slide.name)
+
+
+def _claim_and_plan(slide: Slide, name: str, out: Path, settings: RunSettings, key_extra: dict[str, Any],
+                    hash_map: Any, claims: Any) -> SlidePlan:
+    busy = claims.claim(name) if claims is not None else None
+    if busy is not None:
+        return SlidePlan(slide=slide, name=name, action="skip", reason=busy)
+    return plan_slide(slide, name, out, settings, key_extra, hash_map=hash_map)
+
+
+def _release(claims: Any, plan: SlidePlan) -> None:
+    if claims is not None:
+        claims.release(plan.name)
 
 
 def _capture_count(slide: Slide) -> int:
@@ -556,8 +579,8 @@ def _finish_without_run(
     on_progress(len(plan.refs), 0, 1)
     if plan.action == "skip":
         report.slides.append(SlideReport(
-            name=plan.name, status="skipped", captures=len(plan.refs), output=str(plan.out_dir),
-            reason="output complete and inputs, model and settings unchanged (use --force to redo)",
+            name=plan.name, status="skipped", captures=len(plan.refs), output=str(plan.out_dir or ""),
+            reason=plan.reason or "output complete and inputs, model and settings unchanged (use --force to redo)",
         ))
     else:
         report.slides.append(SlideReport(name=plan.name, status="failed", reason=plan.reason, captures=len(plan.refs)))

@@ -48,6 +48,8 @@ from cellbatch.cli.options import (
 @click.option("--force", is_flag=True, help="Redo every slide, even those whose output is complete and unchanged.")
 @click.option("--report", "write_report", is_flag=True,
               help="Write OUT/report.html at the end (run header, slides, montages, heat maps).")
+@click.option("--shard", metavar="I/N", callback=lambda ctx, param, value: _shard(value),
+              help="Do share I of N (0-based, by slide name) beside other runs into the same OUT: cluster array jobs.")
 @quiet_option
 @json_option
 @config_option
@@ -93,6 +95,18 @@ def report_of(out: Path, *, quiet: bool) -> None:
         return
     if not quiet:
         click.echo(f"cellbatch: report in {result.path}", err=True)
+
+
+def _shard(value: str | None) -> tuple[int, int] | None:
+    from cellbatch.errors import ConfigError
+    from cellbatch.shard import parse_shard
+
+    if value is None:
+        return None
+    try:
+        return parse_shard(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--shard {value!r} "), param_hint="--shard") from exc
 
 
 @contextmanager
