@@ -30,11 +30,11 @@ _DIGEST_CHARS = 8
 # A name that already ends like a changed one ("a_b~c14cddc0") is changed too, so a folder that happens
 # to be called that way can never share an output folder with the name that was cleaned into it.
 _LOOKS_CHANGED = re.compile(r"~[0-9a-f]{8}$")
-# Names the output layout uses itself: run.json in OUT, the slide files in each slide folder. A slide
-# called that way would write onto them (a folder "cells.zarr" inside slide "a"), so it gets a changed
-# name wherever it sits. Compared case-insensitively, for case-insensitive file systems. A file added
-# to OUT's layout must be added here.
-RESERVED_NAMES = frozenset(n.casefold() for n in (*SLIDE_FILES, "run.json"))
+# Names the output layout uses itself: run.json, run.log and ro-crate-metadata.json in OUT, the slide
+# files in each slide folder. A slide called that way would write onto them (a folder "cells.zarr"
+# inside slide "a"), so it gets a changed name wherever it sits. Compared case-insensitively, for
+# case-insensitive file systems. A file added to OUT's layout must be added here.
+RESERVED_NAMES = frozenset(n.casefold() for n in (*SLIDE_FILES, "run.json", "run.log", "ro-crate-metadata.json"))
 
 
 def sanitize_component(name: str) -> str:

@@ -171,7 +171,8 @@ def test_output_error_names_the_path_from_the_error_or_the_argument():
 
 
 @pytest.mark.parametrize("name", ["cells.csv", "cells.zarr", "provenance.json", "run.json", "confusion.png",
-                                  "Cells.CSV", ".cellbatch-staging", ".cellbatch.lock", "a_b~c14cddc0"])
+                                  "Cells.CSV", ".cellbatch-staging", ".cellbatch.lock", "a_b~c14cddc0", "run.log",
+                                  "RO-Crate-Metadata.json", ".cellbatch-claims"])
 def test_names_of_the_layout_hidden_names_and_changed_lookalikes_get_their_own_names(name):
     changed = sanitize_component(name)
     assert changed != name and not changed.startswith(".")
