@@ -661,6 +661,9 @@ def absent_frames(slide: Slide) -> list[int]:
         return {key async for key in store.list_prefix(prefix)}
 
     present = sync(listed())
+    if slide.axes:  # an OME-Zarr image: frames are spread over its frame axes
+        return [i for i in range(_ome_frame_count(array, slide.axes))
+                if any(key not in present for key in _chunk_keys(array, _ome_selection(array, slide.axes, i)))]
     rest = list(itertools.product(*(range(math.ceil(size / step))
                                     for size, step in zip(array.shape[1:], grid[1:], strict=True))))
     frames = array.shape[0]
@@ -684,17 +687,19 @@ def _missing_chunk_at(array: zarr.Array, selection: tuple[int | None, ...]) -> s
     """
     from zarr.core.sync import sync
 
+    store = array.store_path.store
+    return next((key for key in _chunk_keys(array, selection) if not sync(store.exists(key))), None)
+
+
+def _chunk_keys(array: zarr.Array, selection: tuple[int | None, ...]) -> Iterator[str]:
+    """Store keys of the chunks (or shards) that ``selection`` (an index or ``None`` per axis) reads."""
     grid = array.shards or array.chunks
     ranges = [range(math.ceil(size / step)) if at is None else (at // step,)
               for size, step, at in zip(array.shape, grid, selection, strict=True)]
-    store = array.store_path.store
     prefix = array.store_path.path
     for chunk in itertools.product(*ranges):
         key = array.metadata.encode_chunk_key(chunk)
-        full = f"{prefix}/{key}" if prefix else key
-        if not sync(store.exists(full)):
-            return full
-    return None
+        yield f"{prefix}/{key}" if prefix else key
 
 
 def _ome_frame_count(array: zarr.Array, axes: str) -> int:
@@ -717,15 +722,12 @@ def _check_ome_array(array: zarr.Array, axes: str, where: str, limits: ReadLimit
 
 def _read_ome_frame(array: zarr.Array, axes: str, where: str, index: int) -> Capture:
     """Frame ``index`` (over the frame axes in C order) of an OME-Zarr image as (H, W, 3) uint8 RGB."""
-    frame_axes = [i for i, role in enumerate(axes) if role == "f"]
     count = _ome_frame_count(array, axes)
     if not 0 <= index < count:
         raise IndexError(f"frame {index} outside 0..{count - 1} of {where}")
-    selection: list[int | None] = [None] * array.ndim
-    for axis, at in zip(frame_axes, np.unravel_index(index, [array.shape[i] for i in frame_axes]), strict=True):
-        selection[axis] = int(at)
+    selection = _ome_selection(array, axes, index)
     where = f"{where} frame {index}"
-    missing = _missing_chunk_at(array, tuple(selection))
+    missing = _missing_chunk_at(array, selection)
     if missing is not None:
         raise InputFormatError(f"{where} is missing: chunk {missing!r} is absent from the store (copy incomplete?)")
     try:
@@ -735,6 +737,15 @@ def _read_ome_frame(array: zarr.Array, axes: str, where: str, index: int) -> Cap
     kept = [role for role in axes if role != "f"]  # the order of pixels' axes
     order = [kept.index("y"), kept.index("x"), *([kept.index("c")] if "c" in kept else [])]
     return convert_to_rgb8(np.transpose(pixels, order), where=where)
+
+
+def _ome_selection(array: zarr.Array, axes: str, index: int) -> tuple[int | None, ...]:
+    """Frame ``index`` of an OME-Zarr image as one index per frame axis (C order), ``None`` elsewhere."""
+    frame_axes = [i for i, role in enumerate(axes) if role == "f"]
+    selection: list[int | None] = [None] * array.ndim
+    for axis, at in zip(frame_axes, np.unravel_index(index, [array.shape[i] for i in frame_axes]), strict=True):
+        selection[axis] = int(at)
+    return tuple(selection)
 
 
 def _zarr_where(slide: Slide) -> str:

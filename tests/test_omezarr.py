@@ -4,6 +4,7 @@ give the same cells as the same captures as PNG files."""
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ome_zarr.writer import write_image, write_plate_metadata, write_well_metada
 from cellbatch.api import convert
 from cellbatch.errors import InputFormatError
 from cellbatch.read import discover_slides, read_frame, read_image, slide_frame_count, validate_slide
+from cellbatch.schemas import validate
 from cellbatch.synth import write_synth
 
 FORMATS = {"0.4": FormatV04(), "0.5": FormatV05()}
@@ -158,3 +160,23 @@ def test_normalise_fit_reads_ome_zarr_through_the_same_reader(captures: Path, tm
     write_ome_image(zarr.open_group(str(store), mode="w", zarr_format=3), images, "0.5")
     for got, want in zip(iter_captures(store), images, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_frame_whose_chunk_is_absent_fails_alone(captures: Path, tmp_path: Path) -> None:
+    images = _images(captures)
+    store = tmp_path / "image.zarr"
+    stack = np.stack(images).transpose(3, 0, 1, 2)  # (c, z, y, x): the frame axis is not the first
+    write_image(stack, zarr.open_group(str(store), mode="w", zarr_format=3), axes="czyx", fmt=FormatV05(),
+                scale_factors=(), storage_options={"chunks": (3, 1, *stack.shape[2:])})
+    (slide,) = discover_slides(store)
+    assert slide.axes == "cfyx"
+    chunk = store / slide.array_path / "c" / "0" / "1" / "0" / "0"
+    assert chunk.is_file()
+    chunk.unlink()  # frame 1 (z = 1) lost in a copy
+    report = convert([store], tmp_path / "out", device="cpu", workers=1)
+    (entry,) = report.slides
+    assert entry.status == "done" and entry.captures == 3 and entry.failed_captures == 1
+    (failure,) = report.failures
+    assert failure["frame"] == 1 and "absent from the store" in failure["reason"]
+    validate(json.loads((tmp_path / "out" / "run.json").read_text()), "run")
+    validate(json.loads((tmp_path / "out" / "image.zarr" / "provenance.json").read_text()), "provenance")
