@@ -17,7 +17,7 @@ import torch
 
 from cellbatch.errors import InputNotFoundError, ModelError
 from cellbatch.modelfile import ONNX_SUFFIX, load_model, save_model, torchscript_calls
-from cellbatch.models.generator import ARCHITECTURE, TILE_MULTIPLE, UNetGenerator, count_parameters
+from cellbatch.models.generator import TILE_MULTIPLE, UNetGenerator, count_parameters
 from cellbatch.train.checkpoint import (
     SETTINGS_NAME,
     VALIDATION_NAME,
@@ -86,7 +86,7 @@ def generator_metadata(
         "input_range": [-1, 1],
         "output_range": [-1, 1],
         "tile_multiple": TILE_MULTIPLE,
-        "architecture": ARCHITECTURE,
+        "architecture": generator.architecture,
         "base_filters": generator.base_filters,
         "parameters": count_parameters(generator),
         "trained": trained,
@@ -209,7 +209,8 @@ def generator_from_run(run: str | Path) -> tuple[UNetGenerator, dict[str, Any]]:
     path = latest_checkpoint(run)
     state = load_checkpoint(path)
     settings = read_json(run / SETTINGS_NAME) or state.get("settings", {})
-    generator = UNetGenerator(base_filters=int(settings["base_filters"]))
+    residual = settings.get("predict", "image") == "residual"
+    generator = UNetGenerator(base_filters=int(settings["base_filters"]), residual=residual)
     generator.load_state_dict(state["models"]["G"])
     # The held-out names stay in the run folder; the file records the figures and how many pairs.
     validation = {k: v for k, v in (read_json(run / VALIDATION_NAME) or {}).items() if k != "val_names"}

@@ -285,3 +285,109 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_payload(pairs: Path
     with pytest.raises(InputFormatError):
         train(_settings(pairs, "l1net", steps=4), run, device="cpu", progress=False, resume=True)
     assert not marker.exists()
+
+
+# --- time-limited training, its recipe, and what every validation reports ---------------------------
+
+
+def _synth_pairs(root: Path, count: int = 6) -> Path:
+    """Synthetic two-optics pairs (white cells the detector finds, so white-cell figures exist)."""
+    from cellbatch.train.synthpairs import pairs_from_synth
+
+    return pairs_from_synth(root, count=count, seed=3)
+
+
+@pytest.fixture(scope="module")
+def cell_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _synth_pairs(tmp_path_factory.mktemp("cells") / "pairs")
+
+
+def test_time_limit_ends_the_run_with_a_full_validation_against_hm(cell_pairs: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    settings = TrainSettings(
+        setup="l1net", pairs=str(cell_pairs), steps=10**6, time_limit=3.0, checkpoint_seconds=1.0,
+        base_filters=4, batch_size=2, val_fraction=0.5, val_quick=1,
+    )  # fmt: skip
+    result = train(settings, run, device="cpu", progress=False)
+    assert result.step < 10**6 and 3.0 <= result.seconds < 30.0
+    with open(run / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    record = json.loads((run / "validation.json").read_text())
+    assert len(rows) >= 2 and int(rows[-1]["step"]) == result.step
+    assert [int(r["val_pairs"]) for r in rows] == [1] * (len(rows) - 1) + [record["pairs"]]
+    for figures in (record["input"], record["hm"], record["generated"], record["quick"]["hm"]):
+        assert {"delta_e", "delta_e_cell", "l1", "psnr", "ssim"} <= set(figures)
+    assert record["beats_hm"] == (record["generated"]["delta_e_cell"] < record["hm"]["delta_e_cell"])
+    # HM fitted on three training pairs already improves on the untransformed input: a real baseline
+    assert record["hm"]["delta_e_cell"] < record["input"]["delta_e_cell"]
+    hm_fit = json.loads((run / "hm-baseline.json").read_text())["fit"]
+    assert hm_fit["source_images"] == len(read_pairs(cell_pairs).names) - record["pairs"]  # training pairs only
+    montages = sorted((run / "montage").glob("step-*.png"))
+    assert len(montages) == len(rows)
+    last = iio.imread(montages[-1])
+    assert last.shape == (min(8, record["pairs"]) * 256, 3 * 256 + 8, 3)
+
+
+def test_time_limit_fills_unset_options_from_the_device_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellbatch.train import recipe
+    from cellbatch.train.loop import resolve_settings
+
+    thesis = resolve_settings(TrainSettings(setup="l1net", pairs="p"), "cpu")
+    assert (thesis.base_filters, thesis.lr, thesis.crop, thesis.batch_size) == (32, 2e-4, None, 8)
+    assert (thesis.bf16, thesis.lr_schedule, thesis.predict) == (False, "constant", "image")
+    monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: True)
+    budget = resolve_settings(TrainSettings(setup="l1net", pairs="p", time_limit=600), "cpu")
+    cpu = recipe.RECIPES["cpu"]
+    assert (budget.base_filters, budget.lr, budget.crop, budget.bf16) == (cpu.base_filters, cpu.lr, cpu.crop, True)
+    assert (budget.lr_schedule, budget.predict) == (cpu.lr_schedule, cpu.predict)
+    gpu = resolve_settings(TrainSettings(setup="pcnet", pairs="p", time_limit=600, vgg_random=True), "cuda")
+    assert gpu.base_filters == recipe.RECIPES["cuda"].base_filters and gpu.bf16
+    # what the user sets wins, including "off" and the thesis's choices
+    mine = resolve_settings(
+        TrainSettings(setup="l1net", pairs="p", time_limit=600, bf16=False, predict="image", base_filters=16, crop=0),
+        "cpu",
+    )
+    assert (mine.bf16, mine.predict, mine.base_filters, mine.crop) == (False, "image", 16, None)
+    monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: False)  # emulated bfloat16 is slower: off
+    assert resolve_settings(TrainSettings(setup="l1net", pairs="p", time_limit=600), "cpu").bf16 is False
+
+
+def test_separate_validation_pairs_are_never_trained_on(cell_pairs: Path, tmp_path: Path) -> None:
+    held_out = _synth_pairs(tmp_path / "held-out", count=3)
+    run = tmp_path / "run"
+    train(_settings(cell_pairs, "l1net", val_pairs=str(held_out)), run, device="cpu", progress=False)
+    record = json.loads((run / "validation.json").read_text())
+    assert record["val_names"] == list(read_pairs(held_out).names)
+    hm_fit = json.loads((run / "hm-baseline.json").read_text())["fit"]
+    assert hm_fit["source_images"] == len(read_pairs(cell_pairs).names)  # HM fitted on all training pairs
+
+
+def test_residual_generator_starts_as_the_identity_and_exports_as_such(tmp_path: Path) -> None:
+    from cellbatch.models import UNetGenerator
+
+    g = UNetGenerator(base_filters=4, residual=True).eval()
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    assert torch.equal(g(x), x)
+    meta = {"kind": "generator", "architecture": g.architecture}
+    model = load_model(export_generator(g, tmp_path / "g.pt", metadata=meta, check_sizes=(128,)), kind="generator")
+    assert model.metadata["architecture"] == "unet7-k5-nearest-residual"
+    assert torch.allclose(model.module(x), x, atol=1e-6)
+
+
+def test_residual_run_exports_the_residual_network(pairs: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(_settings(pairs, "l1net", predict="residual"), run, device="cpu", progress=False)
+    generator, meta = generator_from_run(run)
+    assert generator.residual and meta["architecture"] == "unet7-k5-nearest-residual"
+
+
+def test_white_cell_delta_e_averages_over_the_mask_only() -> None:
+    target = np.full((2, 8, 8, 3), 200, np.uint8)
+    image = target.copy()
+    image[:, :4] = 150  # the left half differs
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, :4] = True  # image 0: only differing pixels are cell; image 1: no cell
+    figures = image_metrics(image, target, masks)
+    whole = image_metrics(image, target)
+    assert "delta_e_cell" not in whole
+    assert figures["delta_e_cell"] == pytest.approx(2 * whole["delta_e"])

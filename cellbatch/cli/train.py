@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from cellbatch.cli.options import device_option, json_option, quiet_option, threads_option, use_threads
+from cellbatch.cli.options import (
+    cell_diameter_option,
+    device_option,
+    json_option,
+    quiet_option,
+    threads_option,
+    use_threads,
+)
 from cellbatch.errors import ConfigError
 
 SETUP_NAMES = ("l1net", "l1gan", "ccgan", "pcnet")
@@ -44,13 +51,37 @@ def _parse_weights(values: tuple[str, ...]) -> dict[str, float]:
     "--unpaired-target", type=click.Path(path_type=Path), help="Extra DM96-look crops (ccgan, pcnet)."
 )
 @click.option(
-    "--steps", type=click.IntRange(min=1), default=50_000, show_default=True, help="Optimisation steps."
+    "--steps", type=click.IntRange(min=1), default=50_000, show_default=True, help="Optimisation steps (at most)."
+)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Train for at most this many seconds (validation excluded), then validate and checkpoint. Options left "
+    "unset then follow the device's recipe (docs/training.md) instead of the thesis's.",
+)
+@click.option(
+    "--checkpoint-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="Also validate and checkpoint every S seconds of training [with --time-limit: a sixth of it].",
 )
 @click.option(
     "--batch-size", type=click.IntRange(min=2), help="Default per setup: l1net 8, l1gan/ccgan 4, pcnet 2."
 )
 @click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True, help="Adam rate."
+    "--lr", type=click.FloatRange(min=0, min_open=True), help="Adam rate [2e-4; with --time-limit: the recipe's]."
+)
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["constant", "cosine"]),
+    help="Learning rate over the run [constant; with --time-limit: the recipe's]. cosine decays to 2 % by the end.",
+)
+@click.option(
+    "--predict",
+    type=click.Choice(["image", "residual"]),
+    help="What the generator outputs: the image (thesis) or a correction added to its input "
+    "[image; with --time-limit: the recipe's].",
 )
 @click.option(
     "--weight",
@@ -60,7 +91,7 @@ def _parse_weights(values: tuple[str, ...]) -> dict[str, float]:
     help="Loss weight, repeatable: l1, disc, paired, cycle, identity, feat (defaults: appendix A).",
 )
 @click.option(
-    "--base-filters", type=click.IntRange(min=1), default=32, show_default=True, help="Generator width."
+    "--base-filters", type=click.IntRange(min=1), help="Generator width [32; with --time-limit: the recipe's]."
 )
 @click.option(
     "--disc-base-filters", type=click.IntRange(min=1), help="Discriminator width [2x --base-filters]."
@@ -71,6 +102,20 @@ def _parse_weights(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--no-rotate", is_flag=True, help="No random 90/180/270-degree rotations.")
 @click.option("--no-intensity", is_flag=True, help="No random intensity changes.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Share of pairs held out.")
+@click.option(
+    "--val-pairs",
+    type=click.Path(path_type=Path),
+    help="A pairs folder to validate on instead (captures never trained on); all of --pairs then trains.",
+)
+@cell_diameter_option
+@click.option(
+    "--val-quick",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    metavar="N",
+    help="Checkpoints before the last validate on N held-out pairs spread over the set (0: all); the last on all.",
+)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True, metavar="N",
               help="Validate, log and checkpoint every N steps.")  # fmt: skip
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True)
@@ -78,7 +123,11 @@ def _parse_weights(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--vgg-random", is_flag=True, help="pcnet: random VGG weights (tests only).")
 @click.option("--classifier", type=click.Path(path_type=Path), help="Classifier model file: adds agreement.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--bf16", is_flag=True, help="bfloat16 autocast (GPU).")
+@click.option(
+    "--bf16/--no-bf16",
+    default=None,
+    help="bfloat16 autocast (GPUs; CPUs with AMX/AVX512-BF16) [off; with --time-limit: on where fast].",
+)
 @device_option
 @threads_option
 @quiet_option
@@ -91,22 +140,29 @@ def train(
     unpaired_source: Path | None,
     unpaired_target: Path | None,
     steps: int,
+    time_limit: float | None,
+    checkpoint_seconds: float | None,
     batch_size: int | None,
-    lr: float,
+    lr: float | None,
+    lr_schedule: str | None,
+    predict: str | None,
     weights: tuple[str, ...],
-    base_filters: int,
+    base_filters: int | None,
     disc_base_filters: int | None,
     crop: int | None,
     no_rotate: bool,
     no_intensity: bool,
     val_fraction: float,
+    val_pairs: Path | None,
+    cell_diameter: float,
+    val_quick: int,
     checkpoint_every: int,
     keep_checkpoints: int,
     vgg_weights: Path | None,
     vgg_random: bool,
     classifier: Path | None,
     seed: int,
-    bf16: bool,
+    bf16: bool | None,
     device: str,
     threads: int | None,
     quiet: bool,
@@ -115,23 +171,29 @@ def train(
     """Train a DM1200 -> DM96 generator on aligned pairs; export it with `cellbatch model export RUN`.
 
     Writes RUN/settings.json, RUN/checkpoints/, RUN/metrics.csv (one row per checkpoint: losses and
-    validation l1, PSNR, SSIM, CIEDE2000 ΔE, agreement) and RUN/validation.json (with the untransformed
-    input's figures as the baseline to beat).
+    validation l1, PSNR, SSIM, CIEDE2000 ΔE over the crop and over the white cell, agreement),
+    RUN/validation.json (with the untransformed input's figures and those of HM fitted on the same
+    training pairs, RUN/hm-baseline.json, as the baselines to beat) and RUN/montage/step-N.png
+    (validation cells: input | generated | target).
     """
     import json
 
     use_threads(threads, command="train", device=device)
-    from cellbatch.train.loop import TrainSettings
+    from cellbatch.train.loop import TrainSettings, beats_hm
     from cellbatch.train.loop import train as run_training
 
     settings = TrainSettings(
         setup=setup,
         pairs=str(pairs),
         steps=steps,
+        time_limit=time_limit,
+        checkpoint_seconds=checkpoint_seconds,
         batch_size=batch_size or 0,
-        lr=lr,
+        lr=lr or 0.0,
+        lr_schedule=lr_schedule or "",
+        predict=predict or "",
         weights=_parse_weights(weights),
-        base_filters=base_filters,
+        base_filters=base_filters or 0,
         disc_base_filters=disc_base_filters or 0,
         seed=seed,
         bf16=bf16,
@@ -139,6 +201,9 @@ def train(
         intensity=not no_intensity,
         crop=crop,
         val_fraction=val_fraction,
+        val_pairs=None if val_pairs is None else str(val_pairs),
+        cell_diameter=cell_diameter,
+        val_quick=val_quick,
         checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints,
         vgg_weights=None if vgg_weights is None else str(vgg_weights),
@@ -154,7 +219,9 @@ def train(
         "seconds": round(result.seconds, 2),
         "steps_per_s": round(result.steps_per_s, 3),
         "input": result.baseline,
+        "hm": result.hm,
         "generated": result.validation,
+        "beats_hm": beats_hm({"generated": result.validation, "hm": result.hm}),
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -162,9 +229,12 @@ def train(
     click.echo(
         f"{setup}: {result.step} steps in {result.seconds:.1f} s ({result.steps_per_s:.2f} steps/s) -> {out}"
     )
-    for name in ("l1", "delta_e", "psnr", "ssim", "agreement"):
+    click.echo(f"  {'validation':12s} {'generated':>9s} {'HM':>9s} {'input':>9s}")
+    for name in ("l1", "delta_e", "delta_e_cell", "psnr", "ssim", "agreement"):
         if name in result.validation:
             click.echo(
-                f"  val {name:9s} {result.validation[name]:9.4f}"
-                f"   (untransformed input {result.baseline[name]:.4f})"
+                f"  {name:12s} {result.validation[name]:9.4f} {result.hm.get(name, float('nan')):9.4f}"
+                f" {result.baseline[name]:9.4f}"
             )
+    verdict = summary["beats_hm"]
+    click.echo(f"  beats HM (white-cell ΔE): {'yes' if verdict else 'not yet' if verdict is False else 'n/a'}")

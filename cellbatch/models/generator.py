@@ -63,6 +63,11 @@ class UNetGenerator(nn.Module):
     base_filters : int
         Width of the first encoder block; later blocks use up to 8x this. 32 gives about 16 M
         parameters (nearest to the thesis's 20 M), 64 about 65 M, 8 about 1 M (demo and tests).
+    residual : bool
+        Not in the thesis (``cellbatch train --predict residual``): the network's tanh output is a
+        correction added to the input (clipped to [-1, 1]), and the output block starts at zero, so an
+        untrained network is the identity and training starts from the input's error rather than
+        from a random image. Same layers and parameters as the thesis network.
 
     Examples
     --------
@@ -71,11 +76,12 @@ class UNetGenerator(nn.Module):
     torch.Size([1, 3, 128, 128])
     """
 
-    def __init__(self, *, base_filters: int = 32) -> None:
+    def __init__(self, *, base_filters: int = 32, residual: bool = False) -> None:
         super().__init__()
         if base_filters < 1:
             raise ValueError(f"base_filters must be at least 1, not {base_filters}")
         self.base_filters = base_filters
+        self.residual = residual
         widths = [base_filters * m for m in ENCODER_WIDTHS]
         self.encoders = nn.ModuleList()
         in_ch = 3
@@ -88,15 +94,24 @@ class UNetGenerator(nn.Module):
             self.decoders.append(DecoderBlock(in_ch, widths[level]))
             in_ch = 2 * widths[level]
         self.output = DecoderBlock(in_ch, 3, last=True)
+        if residual:
+            nn.init.zeros_(self.output.conv.weight)
+            nn.init.zeros_(self.output.conv.bias)
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURE + ("-residual" if self.residual else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        image = x
         skips: list[torch.Tensor] = []
         for encoder in self.encoders:
             x = encoder(x)
             skips.append(x)
         for decoder, skip in zip(self.decoders, reversed(skips[:-1]), strict=True):
             x = torch.cat([decoder(x), skip], dim=1)
-        return self.output(x)
+        out = self.output(x)
+        return (image + out.to(image.dtype)).clamp(-1.0, 1.0) if self.residual else out
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -9,6 +9,7 @@ N steps at once and training in two parts give the same weights on the same mach
 from __future__ import annotations
 
 import csv
+import math
 import sys
 import time
 from collections.abc import Mapping
@@ -43,11 +44,28 @@ from cellbatch.train.data import (
     sample_unpaired,
     split_indices,
 )
+from cellbatch.train.recipe import fill_defaults
 from cellbatch.train.setups import CYCLIC, DEFAULT_BATCH, SETUP_CLASSES, SETUPS, Batch, Setup, resolve_weights
+from cellbatch.train.validate import (
+    HM_PROFILE_NAME,
+    MONTAGE_DIR,
+    fit_hm_baseline,
+    hm_outputs,
+    montage,
+    validation_set,
+)
 
 VALIDATION_BATCH = 8
 # Settings that may change between a run and its resumption (everything else must match).
-RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset(
+    {"steps", "checkpoint_every", "keep_checkpoints", "time_limit", "checkpoint_seconds", "val_quick"}
+)
+# A time-limited run validates this many times (plus at the end) unless --checkpoint-seconds says otherwise.
+CURVE_POINTS = 6
+# The cosine schedule ends at this share of the initial learning rate, not at zero.
+MIN_LR_FACTOR = 0.02
+PREDICT = ("image", "residual")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -57,16 +75,23 @@ class TrainSettings:
     setup: str
     pairs: str
     steps: int = 50_000
-    batch_size: int = 0  # 0: the setup's batch size from appendix A
-    lr: float = 2e-4
+    batch_size: int = 0  # 0: the setup's batch size from appendix A (or the time-limit recipe)
+    lr: float = 0.0  # 0: 2e-4 (appendix A) or the time-limit recipe
     weights: Mapping[str, float] = field(default_factory=dict)
-    base_filters: int = 32
+    base_filters: int = 0  # 0: 32, or the time-limit recipe
     disc_base_filters: int = 0  # 0: twice base_filters
     seed: int = 0
-    bf16: bool = False
+    bf16: bool | None = None  # None: off, or the time-limit recipe
     rotate: bool = True
     intensity: bool = True
-    crop: int | None = None
+    crop: int | None = None  # None: whole pairs, or the time-limit recipe; 0: whole pairs always
+    time_limit: float | None = None  # seconds of training; with it, unset options follow the device's recipe
+    checkpoint_seconds: float | None = None  # also validate every this many seconds of training
+    lr_schedule: str = ""  # "": constant, or the time-limit recipe
+    predict: str = ""  # "": image (the thesis), or the time-limit recipe
+    val_pairs: str | None = None  # a separate pairs folder to validate on (then all of `pairs` trains)
+    cell_diameter: float = 110.0  # for the white-cell masks of validation
+    val_quick: int = 64  # checkpoints before the last validate on this many held-out pairs (0: all)
     val_fraction: float = 0.1
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -77,11 +102,22 @@ class TrainSettings:
     unpaired_target: str | None = None
 
 
-def resolve_settings(settings: TrainSettings) -> TrainSettings:
-    """Fill the setup's defaults (batch size, loss weights) and check options against each other."""
+def resolve_settings(settings: TrainSettings, device_type: str = "cpu") -> TrainSettings:
+    """Fill the setup's defaults (batch size, loss weights) and check options against each other.
+
+    Without a time limit every unset option takes the thesis's value; with one, the recipe of
+    :mod:`cellbatch.train.recipe` for ``device_type`` (``cpu`` or ``cuda``).
+    """
     s = settings
     if s.setup not in SETUPS:
         raise ConfigError(f"--setup {s.setup} is unknown: use one of {', '.join(SETUPS)}")
+    if s.time_limit is not None and s.time_limit <= 0:
+        raise ConfigError(f"--time-limit {s.time_limit:g} must be a positive number of seconds")
+    if s.predict and s.predict not in PREDICT:
+        raise ConfigError(f"--predict {s.predict} is unknown: use one of {', '.join(PREDICT)}")
+    if s.lr_schedule and s.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"--lr-schedule {s.lr_schedule} is unknown: use one of {', '.join(LR_SCHEDULES)}")
+    s = fill_defaults(s, device_type)
     batch = s.batch_size or DEFAULT_BATCH[s.setup]
     # Batch norm in the innermost block sees one value per channel per image at 128x128.
     if batch < 2:
@@ -126,6 +162,7 @@ class TrainResult:
     steps_per_s: float
     baseline: dict[str, float]
     validation: dict[str, float]
+    hm: dict[str, float] = field(default_factory=dict)
 
 
 def _check_resume(stored: Mapping[str, Any], settings: TrainSettings, data_sha256: str) -> None:
@@ -258,9 +295,9 @@ def train(
     """
     from tqdm import tqdm
 
-    settings = resolve_settings(settings)
     run = Path(run)
     dev = torch.device(resolve_device(device))
+    settings = resolve_settings(settings, dev.type)
     checkpoints = list_checkpoints(run)
     if checkpoints and not resume:
         raise ConfigError(
@@ -275,9 +312,16 @@ def train(
         )
     if settings.crop is not None and settings.crop > min(size):
         raise ConfigError(f"--crop {settings.crop} is larger than the {size[1]}x{size[0]} pairs")
-    train_idx, val_idx = split_indices(
-        len(pairs.names), val_fraction=settings.val_fraction, seed=settings.seed
-    )
+    if settings.val_pairs is not None:
+        held_out = read_pairs(settings.val_pairs)
+        train_idx = np.arange(len(pairs.names))
+        val_names, val_source, val_target = held_out.names, held_out.source, held_out.target
+        data_sha256 = f"{pairs.sha256}+{held_out.sha256}"
+    else:
+        train_idx, val_idx = split_indices(len(pairs.names), val_fraction=settings.val_fraction, seed=settings.seed)
+        val_names = tuple(pairs.names[i] for i in val_idx)
+        val_source, val_target = pairs.source[val_idx], pairs.target[val_idx]
+        data_sha256 = pairs.sha256
 
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -290,35 +334,51 @@ def train(
         disc_base_filters=settings.disc_base_filters,
         lr=settings.lr,
         device=dev,
-        bf16=settings.bf16,
+        bf16=bool(settings.bf16),
         vgg=vgg,
+        residual=settings.predict == "residual",
     )
     start_step, elapsed = 0, 0.0
     if checkpoints:
         state = load_checkpoint(checkpoints[-1][1])
-        _check_resume(read_json(run / SETTINGS_NAME) or state["settings"], settings, pairs.sha256)
+        _check_resume(read_json(run / SETTINGS_NAME) or state["settings"], settings, data_sha256)
         setup.load_state_dict(state)
         _set_rng_state(rng, state["rng"])
         start_step, elapsed = int(state["step"]), float(state["elapsed_s"])
 
     run.mkdir(parents=True, exist_ok=True)
-    stored_settings = {**asdict(settings), "data_sha256": pairs.sha256}
+    stored_settings = {**asdict(settings), "data_sha256": data_sha256}
     write_json(run / SETTINGS_NAME, stored_settings)
     classify = metrics.classifier_labels(settings.classifier, device=dev) if settings.classifier else None
-    val_source, val_target = pairs.source[val_idx], pairs.target[val_idx]
+    val = validation_set(val_names, val_source, val_target, cell_diameter=settings.cell_diameter)
+    quick = val.subset(settings.val_quick)
     record = read_json(run / VALIDATION_NAME) or {}
-    if "input" not in record:
+    if "hm" not in record or record.get("quick", {}).get("pairs") != len(quick.names):
+        profile = fit_hm_baseline(
+            pairs.source[train_idx],
+            pairs.target[train_idx],
+            run / HM_PROFILE_NAME,
+            cell_diameter=settings.cell_diameter,
+        )
         record = {
-            "pairs": len(val_idx),
-            "val_names": [pairs.names[i] for i in val_idx],
-            "input": metrics.figures(val_source, val_target, classify),
+            "pairs": len(val_names),
+            "val_names": list(val_names),
+            "input": metrics.figures(val.source, val.target, classify, val.masks),
+            "hm": metrics.figures(hm_outputs(profile, val), val.target, classify, val.masks),
+        }
+        record["quick"] = {
+            "pairs": len(quick.names),
+            "input": metrics.figures(quick.source, quick.target, classify, quick.masks),
+            "hm": metrics.figures(hm_outputs(profile, quick), quick.target, classify, quick.masks),
         }
         write_json(run / VALIDATION_NAME, record)
 
     sampler = _Sampler(settings, pairs, train_idx)
     log = _MetricsLog(run, start_step)
+    clock = _Clock(settings, elapsed)
+    cpu_start = time.process_time()
     sums: dict[str, torch.Tensor] = {}
-    interval_start, interval_steps = time.perf_counter(), 0
+    interval_steps = 0
     bar = tqdm(
         total=settings.steps,
         initial=start_step,
@@ -329,6 +389,8 @@ def train(
     step = start_step
     with bar:
         for step in range(start_step + 1, settings.steps + 1):
+            if settings.lr_schedule == "cosine":
+                setup.set_lr(clock.lr_factor(step))
             terms = setup.step(sampler.batch(rng, dev))
             for key, value in terms.items():
                 sums[key] = sums[key] + value if key in sums else value
@@ -336,29 +398,40 @@ def train(
             bar.update(1)
             if not bar.disable and step % 25 == 0:  # reading a loss waits for the device: not every step
                 bar.set_postfix(total=f"{float(terms['total']):.3f}", refresh=False)
-            if step % settings.checkpoint_every and step != settings.steps:
+            if not clock.checkpoint_due(step):
                 continue
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)  # so the interval's time includes its queued GPU work
-            seconds = time.perf_counter() - interval_start
-            elapsed += seconds
-            generated = metrics.generate(setup.generator, val_source, device=dev, batch_size=VALIDATION_BATCH)
-            figures = metrics.figures(generated, val_target, classify)
+            seconds = clock.end_interval()
+            last = step == settings.steps or clock.out_of_time()
+            on = val if last else quick
+            generated = metrics.generate(setup.generator, on.source, device=dev, batch_size=VALIDATION_BATCH)
+            figures = metrics.figures(generated, on.target, classify, on.masks)
+            montage(on, generated, run / MONTAGE_DIR / f"step-{step:08d}.png")
             log.add(
                 {
                     "step": step,
-                    "elapsed_s": round(elapsed, 3),
+                    "elapsed_s": round(clock.elapsed, 3),
                     "steps_per_s": round(interval_steps / seconds, 4),
+                    "cpu_s": round(time.process_time() - cpu_start, 1),  # this process, validation included
+                    "lr": setup.optimizers["G"].param_groups[0]["lr"],
+                    "val_pairs": len(on.names),
                     **{f"loss_{k}": round(float(v) / interval_steps, 6) for k, v in sums.items()},
                     **{f"val_{k}": round(v, 6) for k, v in figures.items()},
                 }
             )
-            record = {**record, "step": step, "generated": figures}
+            record = {**record, "step": step, "elapsed_s": clock.elapsed}
+            if on is val:
+                record["generated"] = figures
+                record["beats_hm"] = beats_hm(record)
+            else:
+                record["quick"] = {**record["quick"], "step": step, "generated": figures}
+                record["quick"]["beats_hm"] = beats_hm(record["quick"])
             write_json(run / VALIDATION_NAME, record)
             save_checkpoint(
                 {
                     "step": step,
-                    "elapsed_s": elapsed,
+                    "elapsed_s": clock.elapsed,
                     "settings": stored_settings,
                     "device": device_name(str(dev)),
                     **setup.state_dict(),
@@ -369,12 +442,66 @@ def train(
                 keep=settings.keep_checkpoints,
             )
             sums, interval_steps = {}, 0
-            interval_start = time.perf_counter()
+            clock.start_interval()
+            if last:
+                break
     return TrainResult(
         run=run,
         step=step,
-        seconds=elapsed,
-        steps_per_s=step / elapsed if elapsed else 0.0,
+        seconds=clock.elapsed,
+        steps_per_s=step / clock.elapsed if clock.elapsed else 0.0,
         baseline=record["input"],
         validation=record.get("generated", {}),
+        hm=record["hm"],
     )
+
+
+def beats_hm(record: Mapping[str, Any]) -> bool | None:
+    """Whether the generator's white-cell ΔE (whole-crop ΔE where no cell was found) is below HM's."""
+    generated, hm = record.get("generated"), record.get("hm")
+    if not generated or not hm:
+        return None
+    key = "delta_e_cell" if "delta_e_cell" in generated and "delta_e_cell" in hm else "delta_e"
+    return bool(generated[key] < hm[key])
+
+
+class _Clock:
+    """Training time (validation excluded), the time limit, when to validate, and the cosine schedule."""
+
+    def __init__(self, settings: TrainSettings, elapsed: float) -> None:
+        self.settings = settings
+        self.elapsed = elapsed  # training seconds up to the start of this interval
+        limit = settings.time_limit
+        self.every_s = settings.checkpoint_seconds or (limit / CURVE_POINTS if limit else None)
+        self.last_checkpoint = elapsed
+        self.start_interval()
+
+    def start_interval(self) -> None:
+        self.interval_start = time.perf_counter()
+
+    def now(self) -> float:
+        return self.elapsed + time.perf_counter() - self.interval_start
+
+    def end_interval(self) -> float:
+        seconds = time.perf_counter() - self.interval_start
+        self.elapsed += seconds
+        self.last_checkpoint = self.elapsed
+        return seconds
+
+    def out_of_time(self) -> bool:
+        return self.settings.time_limit is not None and self.elapsed >= self.settings.time_limit
+
+    def checkpoint_due(self, step: int) -> bool:
+        s = self.settings
+        if step % s.checkpoint_every == 0 or step == s.steps:
+            return True
+        now = self.now()
+        if s.time_limit is not None and now >= s.time_limit:
+            return True
+        return self.every_s is not None and now - self.last_checkpoint >= self.every_s
+
+    def lr_factor(self, step: int) -> float:
+        """Cosine from 1 to MIN_LR_FACTOR over the time limit (or, without one, over the steps)."""
+        s = self.settings
+        done = self.now() / s.time_limit if s.time_limit else (step - 1) / s.steps
+        return MIN_LR_FACTOR + (1.0 - MIN_LR_FACTOR) * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))

@@ -84,11 +84,13 @@ class Setup(abc.ABC):
         device: torch.device,
         bf16: bool,
         vgg: VGG16Features | None = None,
+        residual: bool = False,
     ) -> None:
         self.weights = dict(weights)
         self.device = device
         self.bf16 = bf16
-        self.networks: dict[str, torch.nn.Module] = {"G": UNetGenerator(base_filters=base_filters)}
+        self.residual = residual
+        self.networks: dict[str, torch.nn.Module] = {"G": UNetGenerator(base_filters=base_filters, residual=residual)}
         self.build(base_filters=base_filters, disc_base_filters=disc_base_filters, vgg=vgg)
         for name, net in self.networks.items():
             net.to(device).train(name != "VGG")
@@ -102,6 +104,12 @@ class Setup(abc.ABC):
 
     def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         return {"G": list(self.networks["G"].parameters())}
+
+    def set_lr(self, factor: float) -> None:
+        """Scale every optimiser's learning rate to ``factor`` times its initial rate (schedules)."""
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -182,7 +190,7 @@ class _Cyclic(Setup):
     """Shared part of ccGAN and pcNET: the second generator F and the cycle, identity and paired terms."""
 
     def build(self, *, base_filters: int, disc_base_filters: int, vgg: VGG16Features | None) -> None:
-        self.networks["F"] = UNetGenerator(base_filters=base_filters)
+        self.networks["F"] = UNetGenerator(base_filters=base_filters, residual=self.residual)
 
     def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         # G and F share one optimiser: the cycle terms couple them.

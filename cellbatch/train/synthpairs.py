@@ -70,6 +70,7 @@ def pairs_from_shifted_captures(
     seed: int,
     skip: int = 0,
     limit: int | None = None,
+    half: str | None = None,
     size: int = 256,
     cell_diameter: float = 110.0,
 ) -> Path:
@@ -79,10 +80,13 @@ def pairs_from_shifted_captures(
     :func:`cellbatch.synth.apply_optics` (stain-dependent, with sensor noise); each detected white
     cell gives one aligned pair (shifted -> original). Real cell texture with a known optics shift:
     a check that a generator trained on it undoes the shift on real cells. ``skip`` and ``limit``
-    select, per folder (e.g. per PBC class), which captures are used, so held-out captures stay out.
+    select, per folder (e.g. per PBC class), which captures are used, so held-out captures stay out;
+    ``half`` (``even`` or ``odd``) first keeps every other capture of each folder in name order
+    (:func:`cellbatch.evaluate.half_of_each_folder`), a split with every class on both sides.
     """
     from cellbatch.detect.base import DetectSettings
     from cellbatch.detect.threshold import ThresholdDetector
+    from cellbatch.evaluate import half_of_each_folder
     from cellbatch.read import iter_image_files, read_image
     from cellbatch.synth import apply_optics
 
@@ -92,7 +96,8 @@ def pairs_from_shifted_captures(
 
     def scenes() -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, list[tuple[float, float]]]]:
         by_folder: dict[Path, list[Path]] = {}
-        for path in iter_image_files(root):
+        paths = list(iter_image_files(root))
+        for path in paths if half is None else half_of_each_folder(paths, half):
             by_folder.setdefault(path.parent, []).append(path)
         for paths in by_folder.values():
             for path in paths[skip : None if limit is None else skip + limit]:
