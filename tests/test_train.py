@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from cellbatch.errors import ConfigError, InputFormatError
-from cellbatch.export import export_generator, generator_from_run
+from cellbatch.export import export_generator, generator_from_run, generator_metadata
 from cellbatch.modelfile import load_model
 from cellbatch.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from cellbatch.train.data import AugmentSettings, augment, read_pairs, split_indices
@@ -368,8 +368,9 @@ def test_residual_generator_starts_as_the_identity_and_exports_as_such(tmp_path:
     g = UNetGenerator(base_filters=4, residual=True).eval()
     x = torch.rand(1, 3, 128, 128) * 2 - 1
     assert torch.equal(g(x), x)
-    meta = {"kind": "generator", "architecture": g.architecture}
-    model = load_model(export_generator(g, tmp_path / "g.pt", metadata=meta, check_sizes=(128,)), kind="generator")
+    meta = generator_metadata(g, trained=False)
+    written = export_generator(g, tmp_path / "g.pt", metadata=meta, check_sizes=(128,), formats=("torchscript", "onnx"))
+    model = load_model(written["torchscript"], kind="generator")
     assert model.metadata["architecture"] == "unet7-k5-nearest-residual"
     assert torch.allclose(model.module(x), x, atol=1e-6)
 
