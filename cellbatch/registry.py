@@ -51,12 +51,14 @@ class Registry:
             self._targets[name] = f"{target.__module__}:{target.__qualname__}"
             self._loaded[name] = target
 
+    def unknown(self, name: str) -> str:
+        """The message for a name this registry does not hold."""
+        return (f"unknown {self.kind[:-1]} {name!r}: choose one of {', '.join(self.names())} "
+                "or install the plugin that provides it")
+
     def get(self, name: str) -> Any:
         if name not in self._targets:
-            raise ConfigError(
-                f"unknown {self.kind[:-1]} {name!r}: choose one of {', '.join(self.names())} "
-                f"or install the plugin that provides it"
-            )
+            raise ConfigError(self.unknown(name))
         if name not in self._loaded:
             module_name, _, attr = self._targets[name].partition(":")
             try:

@@ -69,7 +69,7 @@ def test_wrong_cell_diameter_changes_the_outcome(folder: Path) -> None:
 def test_unknown_detector_is_one_line_error(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "detect", str(folder / "captures"), "--boxes", str(folder / "boxes.csv"), "--detector", "nope"])
-    assert exit_info.value.code == 3
+    assert exit_info.value.code == 2  # refused up front, as a bad command line
     err = capsys.readouterr().err.strip()
     assert err.startswith("cellbatch: error: unknown detector 'nope'") and "\n" not in err
 

@@ -150,7 +150,7 @@ def test_user_mistakes_are_one_line_errors(captures, tmp_path: Path, capsys) -> 
             "--detector",
             "no-such",
         )
-        == 3
+        == 2
     )
     assert "unknown detector 'no-such'" in capsys.readouterr().err
     assert not Path(out).exists()

@@ -28,6 +28,10 @@ def test_options_parse_with_defaults_for_what_is_left_out() -> None:
         ("nucleus_gain=-1", "is not valid"),
         ("nucleus_gain=abc", "is not valid"),
         ("gamma=2", "has no option 'gamma'"),
+        ("softness=1e9", "softness='1e9' is not valid"),
+        ("softness=inf", "is not valid"),
+        ("contrast=1e308", "is not valid"),
+        ("nucleus_gain=nan", "is not valid"),
         ("nucleus_gain", "has no '='"),
     ],
 )

@@ -13,7 +13,7 @@ from cellbatch.errors import InputNotFoundError, ProfileError
 from cellbatch.normalise.global_affine import GlobalAffineNormaliser, fit_global
 from cellbatch.normalise.hm import HMNormaliser, fit_hm
 from cellbatch.normalise.macenko import MacenkoNormaliser
-from cellbatch.normalise.profile import read_profile, write_profile
+from cellbatch.normalise.profile import MAX_PROFILE_BYTES, read_profile, write_profile
 from cellbatch.normalise.reinhard import ReinhardNormaliser
 from cellbatch.registry import normalisers
 from tests.test_normalise_hm import scene, shifted, to_uint8
@@ -123,3 +123,33 @@ def test_every_fitted_normaliser_is_reachable_through_the_registry(hm_profile: P
         name, _, arg = spec.partition(":")
         out = normalisers.get(name)(arg)(crops, None)
         assert out.shape == crops.shape and out.dtype == np.uint8
+
+
+def _one_line_profile_error(path: Path, expected: str) -> None:
+    with pytest.raises(ProfileError) as info:
+        HMNormaliser(str(path))
+    assert expected in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_deeply_nested_profile_is_a_profile_error(hm_profile: Path) -> None:
+    text = hm_profile.read_text().rstrip().removesuffix("}")
+    hm_profile.write_text(text + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    _one_line_profile_error(hm_profile, "nested too deeply")
+
+
+def test_a_profile_far_larger_than_any_fitted_one_is_refused_unread(hm_profile: Path) -> None:
+    text = hm_profile.read_text().rstrip().removesuffix("}")
+    hm_profile.write_text(text + ', "padding": "' + "x" * MAX_PROFILE_BYTES + '"}')
+    _one_line_profile_error(hm_profile, "larger than 1000 kB")
+
+
+@pytest.mark.parametrize(("field", "value"), [(("transform", "A"), 1e308), (("source", "cov"), -1e300),
+                                              (("source", "mean"), 256.0)])
+def test_absurd_numbers_that_no_fit_gives_are_profile_errors(hm_profile: Path, field, value) -> None:
+    data = json.loads(hm_profile.read_text())
+    node = data[field[0]][field[1]]
+    while isinstance(node[0], list):
+        node = node[0]
+    node[0] = value
+    hm_profile.write_text(json.dumps(data))
+    _one_line_profile_error(hm_profile, f"field '{'.'.join(field)}' holds {value:g}, outside")

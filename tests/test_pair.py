@@ -432,5 +432,5 @@ def test_cli_names_an_unknown_detector(capture_dirs: tuple[Path, Path], tmp_path
     with pytest.raises(SystemExit) as exit_info:
         main(["pair", "--source", str(source), "--target", str(target), "--out", str(tmp_path / "o"),
               "--detector", "no-such-detector"])  # fmt: skip
-    assert exit_info.value.code == ExitCode.COULD_NOT_RUN
+    assert exit_info.value.code == ExitCode.USAGE
     assert "no-such-detector" in capsys.readouterr().err

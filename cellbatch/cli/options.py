@@ -8,13 +8,31 @@ from typing import Any
 
 import click
 
+from cellbatch.errors import UsageError
+
 F = Callable[..., Any]
+
+
+# A cell narrower than this cannot be told from noise; one wider than this fills no capture at any
+# magnification a DM analyser uses (110 px at 0.1 µm/px).
+MIN_CELL_DIAMETER = 8.0
+MAX_CELL_DIAMETER = 2000.0
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A ``FloatRange`` that also refuses ``nan`` (every comparison with it is false, so it passes)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        return number
 
 
 def cell_diameter_option(f: F) -> F:
     return click.option(
         "--cell-diameter",
-        type=click.FloatRange(min=8),
+        type=FiniteFloatRange(min=MIN_CELL_DIAMETER, max=MAX_CELL_DIAMETER),
         default=110.0,
         show_default=True,
         metavar="PX",
@@ -23,11 +41,21 @@ def cell_diameter_option(f: F) -> F:
     )(f)
 
 
+def _known_detector(ctx: click.Context, param: click.Parameter, name: str) -> str:
+    # checked before any capture is read: a typo would otherwise fail every capture, one by one
+    from cellbatch.registry import detectors
+
+    if name not in detectors.names():
+        raise UsageError(detectors.unknown(name))
+    return name
+
+
 def detector_option(f: F) -> F:
     return click.option(
         "--detector",
         default="threshold",
         show_default=True,
+        callback=_known_detector,
         help="White-cell detector from the cellbatch.detectors registry.",
     )(f)
 

@@ -41,6 +41,10 @@ from cellbatch.detect.base import BACKGROUND, NUCLEUS
 from cellbatch.errors import ConfigError
 
 SYNTAX = "write display:background=R,G,B;nucleus_gain=G;contrast=C;softness=PX (all optional)"
+# Accepted ranges. A gain of 10 already saturates every nucleus; a blur wider than a crop (256 px)
+# only flattens the masks, and a huge one makes OpenCV allocate a kernel of that size.
+MAX_GAIN = 10.0
+MAX_SOFTNESS = 64.0
 # Scale (8-bit levels) of the colour distance at which a pixel stops counting as background when
 # there are no masks: a few times the sensor noise of a flat background.
 MIN_BACKGROUND_SPREAD = 8.0
@@ -82,13 +86,15 @@ def parse_display_options(arg: str | None) -> DisplaySettings:
                 values[key] = rgb
             else:
                 number = float(value)
-                if not (np.isfinite(number) and number >= 0 and (key == "softness" or number > 0)):
+                top = MAX_SOFTNESS if key == "softness" else MAX_GAIN
+                if not (np.isfinite(number) and number <= top and (number >= 0 if key == "softness" else number > 0)):
                     raise ValueError(value)
                 values[key] = number
         except ValueError as exc:
             raise ConfigError(
                 f"--normalise display option {key}={value!r} is not valid: background takes three "
-                f"integers 0-255, the others a positive number; {SYNTAX}"
+                f"integers 0-255, nucleus_gain and contrast a number above 0 and at most {MAX_GAIN:g}, "
+                f"softness 0 to {MAX_SOFTNESS:g} px; {SYNTAX}"
             ) from exc
     return DisplaySettings(**values)
 

@@ -250,7 +250,7 @@ class HMNormaliser:
             self.profile.fail(f"has classes {self.profile.data.get('classes')!r}, expected {list(CLASSES)}")
         self.a = self.profile.array("transform", "A", shape=(k, 3, 3))
         self.b = self.profile.array("transform", "b", shape=(k, 3))
-        mean = self.profile.array("source", "mean", shape=(k, 3))
+        mean = self.profile.array("source", "mean", shape=(k, 3), bounds=(0, 255))
         cov = self.profile.array("source", "cov", shape=(k, 3, 3))
         if (np.linalg.eigvalsh(cov) < -1e-6).any():
             self.profile.fail("has a source covariance that is not positive semi-definite")

@@ -119,7 +119,7 @@ class MacenkoNormaliser:
         self.profile = read_profile(arg, method="macenko")
         self.stains = self.profile.array("target", "stains", shape=(3, 2))
         self.max_concentration = self.profile.array("target", "max_concentration", shape=(2,))
-        self.light = self.profile.array("target", "background", shape=(3,))
+        self.light = self.profile.array("target", "background", shape=(3,), bounds=(0, 255))
 
     def __call__(self, crops: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
         out = np.empty_like(crops)

@@ -24,6 +24,12 @@ import numpy as np
 from cellbatch.errors import InputNotFoundError, ProfileError
 
 VERSION = 1
+# A fitted profile is a few kilobytes of numbers; anything near this size is not one, and reading it
+# whole would cost memory for nothing.
+MAX_PROFILE_BYTES = 1_000_000
+# No fitted number comes near this: colours are 0-255, variances at most 255**2, transforms map colours
+# to colours. A larger one (1e308, say) would overflow to inf and NaN in the arithmetic.
+MAX_MAGNITUDE = 1e6
 _NUMBER_LIST = re.compile(r"\[\s*([-+0-9.eE,\s]+?)\s*\]")
 METHODS = ("hm", "global", "reinhard", "macenko")
 
@@ -41,8 +47,10 @@ class Profile:
     path: Path
     sha256: str
 
-    def array(self, *keys: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The float64 array at ``data[keys[0]][keys[1]]...``, checked to have ``shape``."""
+    def array(
+        self, *keys: str, shape: tuple[int, ...], bounds: tuple[float, float] = (-MAX_MAGNITUDE, MAX_MAGNITUDE)
+    ) -> np.ndarray:
+        """The float64 array at ``data[keys[0]][keys[1]]...``, checked to have ``shape`` and values in ``bounds``."""
         node: Any = self.data
         for key in keys:
             if not isinstance(node, dict) or key not in node:
@@ -56,6 +64,10 @@ class Profile:
             self.fail(f"field {'.'.join(keys)!r} has shape {arr.shape}, expected {shape}")
         if not np.isfinite(arr).all():
             self.fail(f"field {'.'.join(keys)!r} holds non-finite numbers")
+        low, high = bounds
+        if arr.size and (arr.min() < low or arr.max() > high):
+            worst = arr.min() if arr.min() < low else arr.max()
+            self.fail(f"field {'.'.join(keys)!r} holds {worst:g}, outside {low:g} to {high:g} where fitted values lie")
         return arr
 
     def provenance(self) -> dict[str, Any]:
@@ -97,13 +109,21 @@ def read_profile(path: str | Path | None, *, method: str) -> Profile:
             f"profile {path} does not exist: fit one with "
             f"`cellbatch normalise fit --method {method} --out {path}`"
         )
-    raw = path.read_bytes()
-    digest = hashlib.sha256(raw).hexdigest()
     refit = f"refit it with `cellbatch normalise fit --method {method}`"
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_PROFILE_BYTES + 1)
+    if len(raw) > MAX_PROFILE_BYTES:
+        raise ProfileError(
+            f"profile {path} is larger than {MAX_PROFILE_BYTES // 1000} kB, far beyond a fitted profile "
+            f"(a few kB): it is not one; {refit}"
+        )
+    digest = hashlib.sha256(raw).hexdigest()
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProfileError(f"profile {path} is not valid JSON ({exc}): the file is corrupt; {refit}") from exc
+    except RecursionError as exc:
+        raise ProfileError(f"profile {path} is nested too deeply to be a profile: it is corrupt; {refit}") from exc
     if not isinstance(data, dict) or not str(data.get("format", "")).startswith("cellbatch-"):
         raise ProfileError(f"profile {path} is not a cellbatch profile (no cellbatch format field); {refit}")
     fmt = data["format"]
