@@ -67,6 +67,7 @@ def convert(
     from cellbatch.threads import apply_budget, prefer_passive_openmp, thread_budget
 
     prefer_passive_openmp()  # before torch loads, when convert is the first to import it
+    from cellbatch.cluster import check_scheduler_address
     from cellbatch.generate import resolve_device
     from cellbatch.lock import RunLock
     from cellbatch.runlog import SlideTimes, run_log
@@ -81,6 +82,8 @@ def convert(
         raise ConfigError("--reference, --min-agreement and --classes need --classifier CLF.pt")
     out = Path(out)
     check_out_apart(source_paths, out)
+    if scheduler:
+        check_scheduler_address(scheduler)
     resolved = resolve_device(device)
     budget = thread_budget(threads, device=resolved, remote=bool(scheduler), workers=workers)
     apply_budget(budget)
@@ -247,8 +250,12 @@ def dask_client(scheduler: str | None, workers: int | None, *, processes: int = 
     from cellbatch.threads import available_cores
 
     if scheduler:
+        from cellbatch.cluster import connect_timeout, probe_scheduler
+
+        timeout = connect_timeout()
+        probe_scheduler(scheduler, timeout)
         try:
-            client = Client(scheduler, timeout="5s")
+            client = Client(scheduler, timeout=timeout)
         except (OSError, TimeoutError) as exc:
             raise ConfigError(
                 f"no Dask scheduler answers at {scheduler}: start one or drop --scheduler ({exc})"

@@ -54,6 +54,10 @@ class LockedError(CellbatchError, RuntimeError):
     """Another live run holds the output folder."""
 
 
+class ClusterLostError(CellbatchError, ConnectionError):
+    """The Dask cluster of ``--scheduler`` lost its scheduler or all its workers during a run."""
+
+
 class ConfigError(CellbatchError, ValueError):
     """Options that contradict each other or name an unknown plugin."""
 

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from cellbatch import __version__
-from cellbatch.errors import CellbatchError, ExitCode, InputFormatError
+from cellbatch.cluster import gather_or_lost, result_or_lost
+from cellbatch.errors import CellbatchError, ClusterLostError, ExitCode, InputFormatError
 from cellbatch.extract import CaptureRef, CaptureResult, ExtractSettings, capture_refs, extract_chunk, hash_captures
 from cellbatch.provenance import content_key, environment, utc_now
 from cellbatch.read import (
@@ -155,7 +156,8 @@ class RunReport:
         now = time.monotonic()
         if every and now - self._saved_at < every:
             return
-        write_json_atomic(self.out / "run.json", self.to_dict())
+        with output_errors(self.out / "run.json", doing="write"):
+            write_json_atomic(self.out / "run.json", self.to_dict())
         self._saved_at = now
 
 
@@ -295,7 +297,10 @@ def dask_hash_map(client: Any) -> HashMap:
     def hash_map(chunks: list[list[CaptureRef]]) -> list[list[dict[str, Any]]] | None:
         futures = [client.submit(hash_captures, refs, pure=False) for refs in chunks]
         try:
-            return client.gather(futures)
+            return gather_or_lost(client, futures)
+        except ClusterLostError:
+            client.cancel(futures)
+            raise
         except Exception:  # a lost worker (KilledWorker): redo the slide rather than guess it unchanged
             client.cancel(futures)
             return None
@@ -334,16 +339,18 @@ def schedule(
             future = client.submit(extract_chunk, refs, settings.extract, pure=False)
         pending.append((plan, i, n, refs, future))
         while len(pending) > window:
-            yield _collect(*pending.popleft())
+            yield _collect(client, *pending.popleft())
     while pending:
-        yield _collect(*pending.popleft())
+        yield _collect(client, *pending.popleft())
 
 
-def _collect(plan: SlidePlan, i: int, n: int, refs: list[CaptureRef] | None, future: Any):
+def _collect(client: Any, plan: SlidePlan, i: int, n: int, refs: list[CaptureRef] | None, future: Any):
     if future is None:
         return plan, i, n, []
     try:
-        return plan, i, n, future.result()
+        return plan, i, n, result_or_lost(client, future)
+    except ClusterLostError:
+        raise
     except Exception as exc:  # a worker lost or killed: the chunk's captures fail, the run goes on
         reason = f"extraction task failed: {type(exc).__name__}: {exc}"
         return plan, i, n, [CaptureResult(ref=r, error=f"{r.source}: {reason}") for r in refs or []]
@@ -502,39 +509,52 @@ def run_slides(
     )
     window = 2 * max(1, _worker_threads(client))
     current: SlideRun | None = None
-    for plan, i, n, results in schedule(client, plans, settings, window):
-        if plan.action != "run":
-            _finish_without_run(plan, report, on_progress)
-            _release(claims, plan)
-            continue
-        if i > 0 and (current is None or current.plan is not plan):
-            continue  # the slide already failed on an earlier chunk
-        try:
-            with output_errors(plan.out_dir, doing="write the results of slide"):
-                if i == 0:
-                    current = SlideRun(plan, stages, settings, out)
-                    on_progress(failed_capture_count(plan.failures), 0, 0)  # frames failed at planning
-                cells = current.add(results)
-                on_progress(len(results), cells, 0)
-                if i == n - 1:
-                    if plan.refs and failed_capture_count(plan.failures) == len(plan.refs):
-                        raise InputFormatError(f"every capture of slide {plan.name} failed; see failures in run.json")
-                    report.slides.append(current.commit(provenance_base))
-                    on_progress(0, 0, 1)
-                    report.failures.extend({"slide": plan.name, **f} for f in plan.failures)
-                    current = None
-                    report.save(every=5.0)
-                    _release(claims, plan)
-        except CellbatchError as exc:
-            if _stops_the_run(exc):
-                if current is not None:
-                    current.abort()
-                raise
-            _fail_slide(plan, current, str(exc), report)
-            on_progress(0, 0, 1)
-            current = None
-            _release(claims, plan)
+    try:
+        for plan, i, n, results in schedule(client, plans, settings, window):
+            if plan.action != "run":
+                _finish_without_run(plan, report, on_progress)
+                _release(claims, plan)
+                continue
+            if i > 0 and (current is None or current.plan is not plan):
+                continue  # the slide already failed on an earlier chunk
+            try:
+                with output_errors(plan.out_dir, doing="write the results of slide"):
+                    if i == 0:
+                        current = SlideRun(plan, stages, settings, out)
+                        on_progress(failed_capture_count(plan.failures), 0, 0)  # frames failed at planning
+                    cells = current.add(results)
+                    on_progress(len(results), cells, 0)
+                    if i == n - 1:
+                        if plan.refs and failed_capture_count(plan.failures) == len(plan.refs):
+                            raise InputFormatError(
+                                f"every capture of slide {plan.name} failed; see failures in run.json")
+                        report.slides.append(current.commit(provenance_base))
+                        on_progress(0, 0, 1)
+                        report.failures.extend({"slide": plan.name, **f} for f in plan.failures)
+                        current = None
+                        report.save(every=5.0)
+                        _release(claims, plan)
+            except CellbatchError as exc:
+                if _stops_the_run(exc):
+                    raise
+                _fail_slide(plan, current, str(exc), report)
+                on_progress(0, 0, 1)
+                current = None
+                _release(claims, plan)
+    except CellbatchError:
+        # The run stops (full disk, lost cluster, ...): drop the slide in progress, record what is done.
+        if current is not None:
+            current.abort()
+        _save_if_possible(report)
+        raise
     return report
+
+
+def _save_if_possible(report: RunReport) -> None:
+    try:
+        report.save()
+    except CellbatchError:
+        pass  # a full disk, say: the error that stopped the run is the one to report
 
 
 def _stops_the_run(exc: CellbatchError) -> bool:

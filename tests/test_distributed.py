@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,44 +14,79 @@ import pytest
 import zarr
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    scheduler_file = tmp_path / "scheduler.json"
-    common = ["--no-dashboard"]
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-         "--scheduler-file", str(scheduler_file), *common],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )]
-    try:
+class LocalDaskCluster:
+    """A scheduler and worker processes on localhost, as ``dask scheduler`` and ``dask worker`` start them."""
+
+    def __init__(self, folder):
+        self.scheduler_file = folder / "scheduler.json"
+        self.scheduler = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--scheduler-file", str(self.scheduler_file), "--no-dashboard"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.workers: list[subprocess.Popen] = []
         deadline = time.monotonic() + 60
-        while not scheduler_file.exists() and time.monotonic() < deadline:
+        while not self.scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert scheduler_file.exists(), "the dask scheduler did not start"
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
-             "--nthreads", "2", "--nworkers", "1", "--resources", "GPU=1", *common],
+        assert self.scheduler_file.exists(), "the dask scheduler did not start"
+        self.address = json.loads(self.scheduler_file.read_text())["address"]
+
+    def add_worker(self) -> None:
+        self.workers.append(subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(self.scheduler_file),
+             "--nthreads", "2", "--nworkers", "1", "--resources", "GPU=1", "--no-dashboard", "--no-nanny"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))
-        address = json.loads(scheduler_file.read_text())["address"]
+        self.wait_for_workers(1)
+
+    def wait_for_workers(self, n: int) -> None:
         from distributed import Client
 
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(1, timeout=60)
-        yield address
-    finally:
-        for proc in reversed(procs):
+        with Client(self.address, timeout="30s") as client:
+            deadline = time.monotonic() + 60
+            while client.scheduler_info(n_workers=0)["n_workers"] != n and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.scheduler_info(n_workers=0)["n_workers"] == n
+
+    def kill_workers(self) -> None:
+        for proc in self.workers:
+            proc.kill()
+            proc.wait(timeout=20)
+        self.workers.clear()
+        self.wait_for_workers(0)
+
+    def close(self) -> None:
+        for proc in [*self.workers, self.scheduler]:
             proc.terminate()
-        for proc in procs:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
 
 
-def _cellbatch(*args) -> subprocess.CompletedProcess:
+@pytest.fixture
+def live_cluster(tmp_path):
+    cluster = LocalDaskCluster(tmp_path)
+    try:
+        cluster.add_worker()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def cluster(live_cluster):
+    return live_cluster.address
+
+
+def _cellbatch(*args, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cellbatch", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+# Dask's own settings, for the cellbatch process only: give up on a connection, and on a cluster without
+# workers, after a few seconds instead of 30 s and 5 minutes.
+QUICK = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s", "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "3s"}
 
 
 def test_run_on_a_dask_cluster_matches_the_local_run(tmp_path, cluster):
@@ -73,7 +109,7 @@ def test_run_on_a_dask_cluster_matches_the_local_run(tmp_path, cluster):
 
 def test_unreachable_scheduler_is_a_one_line_error(tmp_path):
     (tmp_path / "in").mkdir()
-    result = _cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--scheduler", "tcp://127.0.0.1:9")
+    result = _cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--scheduler", "tcp://127.0.0.1:9", env=QUICK)
     assert result.returncode == 3
     assert "tcp://127.0.0.1:9" in result.stderr and "Traceback" not in result.stderr
 
@@ -103,3 +139,70 @@ def test_local_worker_processes_give_the_threaded_result(tmp_path):
     assert threads.returncode == 0 and procs.returncode == 0, procs.stderr
     rows = [(tmp_path / out / "dm1200" / "cells.csv").read_bytes() for out in ("threads", "procs")]
     assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("address", ["foo", "localhost", "http://127.0.0.1:8787", "inproc://x", "tcp://host:0"])
+def test_scheduler_addresses_dask_cannot_use_are_bad_command_lines(tmp_path, capsys, address):
+    from cellbatch.cli import main
+
+    (tmp_path / "in").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--scheduler", address])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "tcp://HOST:PORT" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_port_that_speaks_http_times_out_with_exit_3(tmp_path):
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (tmp_path / "in").mkdir()
+    try:
+        started = time.monotonic()
+        result = _cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--scheduler",
+                            f"tcp://127.0.0.1:{server.server_port}", env=QUICK)
+    finally:
+        server.shutdown()
+    assert result.returncode == 3, result.stderr
+    assert "did not answer as a Dask scheduler within 3 s" in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 120
+
+
+def test_waiting_on_a_cluster_without_workers_ends(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from cellbatch.cluster import result_or_lost
+    from cellbatch.errors import ClusterLostError
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as local, Client(local) as client:
+        future = client.submit(sum, [1, 2])
+        started = time.monotonic()
+        with pytest.raises(ClusterLostError, match="has had no workers for 1 s"):
+            result_or_lost(client, future, timeout=1)
+        assert time.monotonic() - started < 30
+
+
+def test_a_run_whose_cluster_lost_its_workers_ends_records_what_it_did_and_resumes(tmp_path, live_cluster):
+    from tests.scenes import write_slides
+
+    src = tmp_path / "in"
+    write_slides(src, slides={"a": 2})
+    args = ("run", src, "-o", tmp_path / "out", "--quiet", "--scheduler", live_cluster.address, "--json")
+    first = _cellbatch(*args, env=QUICK)
+    assert first.returncode == 0, first.stderr
+    write_slides(src, slides={"b": 2}, seed=1)
+    live_cluster.kill_workers()
+    lost = _cellbatch(*args, env=QUICK)
+    assert lost.returncode == 3 and "Traceback" not in lost.stderr, lost.stderr
+    assert "has had no workers for 3 s" in lost.stderr and lost.stderr.count("\n") == 1
+    recorded = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert [(s["name"], s["status"]) for s in recorded["slides"]] == [("a", "skipped")]
+    assert not (tmp_path / "out" / "b").exists()
+    live_cluster.add_worker()
+    resumed = _cellbatch(*args, env=QUICK)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [(s["name"], s["status"]) for s in json.loads(resumed.stdout)["slides"]] == [("a", "skipped"),
+                                                                                        ("b", "done")]

@@ -370,3 +370,39 @@ def test_a_symlink_planted_at_the_staging_folder_is_removed_not_followed(tmp_pat
     assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
     assert (elsewhere / "keep.txt").read_text() == "keep me"
     assert not (tmp_path / "out" / ".cellbatch-staging").is_symlink()
+
+
+@pytest.mark.parametrize("option", [("--cell-diameter", "nan"), ("--cell-diameter", "inf"),
+                                    ("--cell-diameter", "1e12"), ("--detector", "thresold")])
+def test_impossible_cell_diameters_and_unknown_detectors_are_refused_before_any_capture(tmp_path, cellbatch, option):
+    write_slides(tmp_path / "in", slides={"s": 1})
+    code, _, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--quiet", *option)
+    assert code == ExitCode.USAGE and ("--cell-diameter" in err or "thresold" in err) and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec", ["display:softness=1e9", "display:contrast=1e308"])
+def test_absurd_display_options_are_refused_before_any_capture(tmp_path, cellbatch, spec):
+    write_slides(tmp_path / "in", slides={"s": 1})
+    code, _, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--normalise", spec, *TOY)
+    assert code != 0 and "is not valid" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_writing_run_json_is_one_line_and_exit_3(tmp_path, cellbatch, monkeypatch):
+    import errno
+
+    write_slides(tmp_path / "in", slides={"s": 1})
+    assert cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", *TOY)[0] == 0
+
+    real_fsync = os.fsync
+
+    def full_for_run_json(fd):  # the disk fills up as run.json is written (Linux: the fd's path in /proc)
+        if "run.json" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_for_run_json)  # the rerun skips every slide: run.json is all it writes
+    code, _, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", *TOY)
+    assert code == ExitCode.COULD_NOT_RUN and err.count("\n") == 1 and "Traceback" not in err
+    assert "run.json" in err and "no space left" in err
