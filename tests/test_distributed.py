@@ -26,10 +26,13 @@ class LocalDaskCluster:
         )
         self.workers: list[subprocess.Popen] = []
         deadline = time.monotonic() + 60
-        while not self.scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert self.scheduler_file.exists(), "the dask scheduler did not start"
-        self.address = json.loads(self.scheduler_file.read_text())["address"]
+        self.address = ""
+        while not self.address and time.monotonic() < deadline:
+            try:  # the file may exist before the scheduler has written it
+                self.address = json.loads(self.scheduler_file.read_text())["address"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.2)
+        assert self.address, "the dask scheduler did not start"
 
     def add_worker(self) -> None:
         self.workers.append(subprocess.Popen(
