@@ -53,7 +53,7 @@ def main() -> None:
             for image, fill_labels in ((truth, detection.labels), (shifted, detection.labels)):
                 crops.append(crop_window(image, cell.cx, cell.cy, fill=background_colour(image, fill_labels))[0])
             mask, _ = crop_window(detection.labels, cell.cx, cell.cy, fill=0)
-            generated = generator(crops[1][None])[0]
+            generated = generator.generate(crops[1][None])[0]
             wbc = (mask == CYTOPLASM) | (mask == NUCLEUS)
             rows.append((folder.name,
                          mean_delta_e(crops[1], crops[0]), mean_delta_e(generated, crops[0]),

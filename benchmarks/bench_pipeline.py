@@ -1,28 +1,73 @@
-"""End-to-end throughput of ``cellbatch run`` against its two main stages, measured in one run.
+"""Throughput of ``cellbatch run`` against each of its stages, measured in one run, plus precision parity.
 
-On synthetic DM-scale captures it times
-  (a) read + detect + crop alone (the Dask stage, same chunking and threads as a run),
-  (b) the generator alone on ready crops (same batch size),
-  (c) the whole run (``cellbatch.api.convert``: also normalisation, writing, provenance),
-and prints captures/s and cells/s for each and the ratio (c) / min(a, b) in cells/s: 1.0 means the
-run is as fast as its slowest stage, i.e. the stages overlap perfectly. Run on CPU, and on CUDA too
-when present.
+On synthetic DM1200-look captures it times
 
-    python benchmarks/bench_pipeline.py --captures 96 --base-filters 16
+  (a) read + detect + crop alone (the Dask stage, same chunking and threads as a run);
+  (b) each device stage alone on ready crops, at the chosen precision and batch size: the generator,
+      HM, display and the classifier check (input and output classified), each as upload, stage,
+      download; and all of them chained, which is what the run's consumer does per batch;
+  (c) the whole run (``cellbatch.api.convert`` with ``--model G --normalise hm:P --normalise display
+      --classifier C``: also writing and provenance);
+
+and prints captures/s, cells/s, ms per cell, and (c) / min(a, b chained): 1.0 means the run is as
+fast as its slowest side. It then runs (c) again at fp32 to print the end-to-end ms per cell at both
+precisions, and the parity of the chosen precision against fp32 on the demo model
+(``examples/demo-model/demo-l1net.pt``): mean absolute difference of generated crops (grey levels)
+and agreement of a classifier's decisions (a small classifier trained here on the synthetic cell
+types, so its decisions have realistic margins).
+
+The generator is an untrained U-Net of ``--base-filters`` width (32: thesis size, about 16 M
+parameters); speed does not depend on the weights. Run from the repository root::
+
+    python benchmarks/bench_pipeline.py                        # this machine: CPU, thesis-size generator
+    python benchmarks/bench_pipeline.py --device cuda --processes 14 --captures 960 --batch-size auto
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo-model" / "demo-l1net.pt"
 
-def bench_extract(slide_dir: Path, *, workers: int | None, processes: int, chunk: int) -> tuple[float, np.ndarray, int]:
+
+def machine(device: str) -> str:
+    import os
+
+    import torch
+
+    from cellbatch.precision import cpu_has_native_bf16
+
+    cores = len(os.sched_getaffinity(0))
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "no GPU used"
+    cpu = platform.processor() or platform.machine()
+    return (f"{cores} cores ({cpu}, native bf16: {cpu_has_native_bf16()}), {name}, torch {torch.__version__}, "
+            f"torch threads {torch.get_num_threads()}")
+
+
+def make_inputs(tmp: Path, captures: int) -> tuple[Path, Path]:
+    """A slide of DM1200-look captures and an HM profile fitted on other synthetic captures."""
+    from cellbatch.normalise.hm import fit_hm
+    from cellbatch.normalise.profile import write_profile
+    from cellbatch.synth import synth_capture, write_synth
+
+    write_synth(tmp / "synth", count=captures, seed=0, looks=("dm1200",))
+    rng = np.random.default_rng(99)
+    fit = [synth_capture(rng) for _ in range(6)]
+    profile = write_profile(tmp / "hm.json", method="hm", fit={},
+                            fields=fit_hm([(c.dm1200, c.labels) for c in fit], [(c.dm96, c.labels) for c in fit]))
+    return tmp / "synth" / "dm1200", profile
+
+
+def bench_extract(slide_dir: Path, *, workers: int | None, processes: int, chunk: int = 4):
+    """(a): seconds, crops, masks and capture count of read+detect+crop over the slide."""
     from cellbatch.api import dask_client
     from cellbatch.extract import ExtractSettings, capture_refs, extract_chunk
     from cellbatch.read import discover_slides
@@ -35,104 +80,191 @@ def bench_extract(slide_dir: Path, *, workers: int | None, processes: int, chunk
                    for i in range(0, len(refs), chunk)]
         results = [r for f in futures for r in f.result()]
         seconds = time.perf_counter() - start
-    crops = np.concatenate([r.crops for r in results if r.crops is not None and len(r.crops)])
-    return seconds, crops, len(refs)
+    kept = [r for r in results if r.crops is not None and len(r.crops)]
+    return seconds, np.concatenate([r.crops for r in kept]), np.concatenate([r.masks for r in kept]), len(refs)
 
 
-def bench_generator(model: Path, crops: np.ndarray, *, device: str, batch_size: int) -> float:
-    from cellbatch.generate import Generator
+def load_stages(model: Path, profile: Path, classifier: Path, *, device: str, precision: str, batch_size: int):
+    from cellbatch.api import load_stages as api_load_stages
+    from cellbatch.extract import ExtractSettings
+    from cellbatch.pipeline import RunSettings
 
-    generator = Generator.load(model, device=device)
-    generator(crops[:batch_size])  # warm up (cuDNN autotune, allocator)
+    settings = RunSettings(extract=ExtractSettings(), batch_size=batch_size, device=device, precision=precision,
+                           normalise=(f"hm:{profile}", "display"))
+    return api_load_stages(settings, model=model, model_sha256=None, classifier=classifier, classes=None,
+                           reference=None, min_agreement=None, min_confidence=0.0)
+
+
+def time_stages(stages: Any, crops: np.ndarray, masks: np.ndarray, batch_size: int) -> float:
+    """Seconds to push every crop through ``stages`` (upload, stages, downloads), after one warm-up batch."""
+    stages.process(crops[:batch_size], masks[:batch_size])
     start = time.perf_counter()
     for i in range(0, len(crops), batch_size):
-        generator(crops[i : i + batch_size])
+        stages.process(crops[i : i + batch_size], masks[i : i + batch_size])
     return time.perf_counter() - start
 
 
-def bench_run(
-    slide_dir: Path, out: Path, model: Path, *, device: str, batch_size: int, workers: int | None, processes: int
-) -> tuple[float, float, int]:
-    """Whole-run seconds, and the seconds and cells between the first and the last finished chunk
-    (steady state: without start-up, i.e. cluster start, model load and the first chunk's latency)."""
+def bench_device_stages(full: Any, crops: np.ndarray, masks: np.ndarray, batch_size: int) -> dict[str, float]:
+    """(b): seconds of each device stage alone, and of all chained."""
+    from cellbatch.pipeline import Stages
+
+    gen, (hm, disp), check = full.generator, full.normalisers, full.check
+    alone = {
+        "generator": Stages(generator=gen, device=full.device),
+        "hm": Stages(normalisers=[hm], device=full.device),
+        "display": Stages(normalisers=[disp], device=full.device),
+        "classifier": Stages(normalisers=[disp], check=check, device=full.device),
+        "chained": full,
+    }
+    seconds = {name: time_stages(s, crops, masks, batch_size) for name, s in alone.items()}
+    # the classifier's own share: the display stage it needs for an output differing from the input is cheap
+    seconds["classifier"] = max(seconds["classifier"] - seconds["display"], 1e-9)
+    return seconds
+
+
+def bench_run(slide_dir: Path, out: Path, model: Path, profile: Path, classifier: Path, *, device: str,
+              precision: str, batch_size: int | str, workers: int | None, processes: int) -> tuple[float, int, dict]:
+    """(c): whole-run seconds, cells, and the run's summary."""
     from cellbatch.api import convert
 
-    marks: list[tuple[float, int]] = []
-
-    def on_progress(captures: int, cells: int, slides: int) -> None:
-        if cells:
-            marks.append((time.perf_counter(), cells))
-
     start = time.perf_counter()
-    report = convert([slide_dir], out, model=model, device=device, batch_size=batch_size, workers=workers,
-                     processes=processes, force=True, command=["bench_pipeline"], on_progress=on_progress)
+    report = convert([slide_dir], out, model=model, device=device, precision=precision, batch_size=batch_size,
+                     normalise=[f"hm:{profile}", "display"], classifier=classifier, workers=workers,
+                     processes=processes, force=True, command=["bench_pipeline"])
     seconds = time.perf_counter() - start
+    summary = report.to_dict()
     if report.exit_code != 0:
-        raise SystemExit(f"the benchmark run failed: {report.to_dict()['failures'][:3]}")
-    steady_cells = sum(c for _, c in marks[1:])
-    return seconds, marks[-1][0] - marks[0][0], steady_cells
+        raise SystemExit(f"the benchmark run failed: {summary['failures'][:3]}")
+    return seconds, summary["cells"], summary
+
+
+def train_cell_classifier(tmp: Path, *, count: int = 160) -> Path:
+    """A small classifier of the synthetic white-cell types, trained on DM96-look crops (about a minute)."""
+    import imageio.v3 as iio
+
+    from cellbatch.crop import crop_window
+    from cellbatch.models.classifier import TrainSettings, export_classifier, image_folder, train_classifier
+    from cellbatch.synth import WBC_TYPES, synth_capture
+
+    rng = np.random.default_rng(5)
+    root = tmp / "cell-types"
+    for i in range(count):
+        capture = synth_capture(rng, n_white=1, cell_types=[WBC_TYPES[i % len(WBC_TYPES)]])
+        cell = capture.cells[0]
+        (root / cell.cell_type).mkdir(parents=True, exist_ok=True)
+        crop, _ = crop_window(capture.dm96, cell.cx, cell.cy, size=256, fill=np.array([230, 230, 230], np.uint8))
+        iio.imwrite(root / cell.cell_type / f"{i}.png", crop)
+    files, labels, classes = image_folder(root)
+    result = train_classifier(files, labels, classes=classes,
+                              settings=TrainSettings(epochs=6, batch_size=16, lr=3e-3, seed=0, width=8))
+    return export_classifier(result.net, tmp / "cell-types.pt", classes=classes,
+                             extra={"heldout_accuracy": result.heldout_accuracy})["torchscript"]
+
+
+def parity(crops: np.ndarray, classifier: Path, *, precision: str, device: str) -> dict[str, float]:
+    """Generated crops and classes at ``precision`` against fp32, on the demo model."""
+    from cellbatch.check.agreement import AgreementCheck, CheckSettings, load_classifier
+    from cellbatch.generate import Generator
+
+    outputs, labels = {}, {}
+    for p in ("fp32", precision):
+        generator = Generator.load(DEMO, device=device, precision=p)
+        outputs[p] = np.concatenate([generator.generate(crops[i : i + 16]) for i in range(0, len(crops), 16)])
+        check = AgreementCheck(load_classifier(classifier, device=device), settings=CheckSettings(), device=device,
+                               precision=p)
+        labels[p] = check._classify(outputs[p])[0]
+    diff = np.abs(outputs["fp32"].astype(np.int16) - outputs[precision].astype(np.int16))
+    return {"cells": len(crops), "mean_abs_diff": float(diff.mean()), "max_abs_diff": int(diff.max()),
+            "pixels_within_1": float((diff.max(axis=-1) <= 1).mean()),
+            "classifier_agreement": float((labels["fp32"] == labels[precision]).mean())}
+
+
+def target_lines(kind: str | None, rows: dict[str, float], result: dict[str, Any]) -> list[str]:
+    """The targets of issue 11 for a CPU (2 cores) or GPU (H200, 14 worker processes) machine, checked."""
+    if kind is None:
+        return []
+    if kind == "cpu":
+        checks = [("(c) / min(a, b chained) >= 0.9", result["ratio_run_over_slowest"], 0.9, True),
+                  ("whole run ms per cell <= 25", 1000 * rows["(c) whole run"], 25.0, False)]
+    else:
+        checks = [("generator alone crops/s >= 6000", 1 / rows["(b) generator"], 6000.0, True),
+                  ("(c) / (a) >= 0.85", rows["(a) read+detect+crop"] / rows["(c) whole run"], 0.85, True)]
+    return [f"target {name}: {value:.3g} {'met' if (value >= limit if above else value <= limit) else 'NOT met'}"
+            for name, value, limit, above in checks]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--captures", type=int, default=96)
-    parser.add_argument("--base-filters", type=int, default=16, help="generator width (thesis: 64)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--captures", type=int, default=48)
+    parser.add_argument("--base-filters", type=int, default=32, help="generator width (32: thesis size, 16 M)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batch-size", default="16", help="crops per device call, or auto")
     parser.add_argument("--workers", type=int, default=None, help="threads for the CPU stage (default: all cores)")
     parser.add_argument("--processes", type=int, default=0, help="worker processes for the CPU stage instead")
-    parser.add_argument("--devices", default=None, help="comma list; default cpu, plus cuda when present")
+    parser.add_argument("--no-fp32-run", action="store_true", help="skip the whole run at fp32")
+    parser.add_argument("--no-parity", action="store_true", help="skip the parity check (trains a classifier)")
+    parser.add_argument("--targets", choices=["cpu", "gpu"], default=None,
+                        help="also print the issue's targets for this kind of machine and whether they hold")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    import torch
-
+    from cellbatch.api import resolve_batch_size
     from cellbatch.export import export_generator, generator_metadata, untrained_generator
-    from cellbatch.synth import write_synth
+    from cellbatch.generate import resolve_device
+    from cellbatch.models.classifier import ClassifierNet, export_classifier
+    from cellbatch.precision import resolve_precision
 
-    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        write_synth(tmp_path / "synth", count=args.captures, seed=0, looks=("dm1200",))
-        slide_dir = tmp_path / "synth" / "dm1200"
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    result: dict[str, Any] = {"machine": machine(device), "device": device, "precision": precision}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        slide_dir, profile = make_inputs(tmp, args.captures)
         net = untrained_generator(base_filters=args.base_filters, seed=0)
-        meta = generator_metadata(net, trained=False)
-        model = export_generator(net, tmp_path / "model.pt", metadata=meta)["torchscript"]
-        extract_s, crops, n_captures = bench_extract(slide_dir, workers=args.workers, processes=args.processes,
-                                                     chunk=4)
+        model = export_generator(net, tmp / "model.pt", metadata=generator_metadata(net, trained=False))["torchscript"]
+        classifier = export_classifier(ClassifierNet(8).eval(), tmp / "clf.pt", classes=[f"c{i}" for i in range(8)],
+                                       extra={})["torchscript"]
+        extract_s, crops, masks, n_captures = bench_extract(slide_dir, workers=args.workers, processes=args.processes)
         n_cells = len(crops)
-        for device in devices:
-            generate_s = bench_generator(model, crops, device=device, batch_size=args.batch_size)
-            run_s, steady_s, steady_cells = bench_run(
-                slide_dir, tmp_path / f"out-{device}", model, device=device, batch_size=args.batch_size,
-                workers=args.workers, processes=args.processes,
-            )
-            steady = steady_cells / steady_s
-            rates = {
-                "extract": (n_captures / extract_s, n_cells / extract_s),
-                "generate": (n_captures / generate_s, n_cells / generate_s),
-                "run": (n_captures / run_s, n_cells / run_s),
-                "steady": (steady * n_captures / n_cells, steady),
-            }
-            slowest = min(rates["extract"][1], rates["generate"][1])
-            ratio = rates["run"][1] / slowest
-            rows.append({"device": device, "captures": n_captures, "cells": n_cells,
-                         "base_filters": args.base_filters, "batch_size": args.batch_size,
-                         "captures_per_s": {k: round(v[0], 2) for k, v in rates.items()},
-                         "cells_per_s": {k: round(v[1], 2) for k, v in rates.items()},
-                         "ratio_run_over_slowest_stage": round(ratio, 3),
-                         "ratio_steady_over_slowest_stage": round(rates["steady"][1] / slowest, 3)})
+        stages = load_stages(model, profile, classifier, device=device, precision=precision, batch_size=16)
+        batch_size = resolve_batch_size(args.batch_size, stages, crop_size=crops.shape[1])
+        device_s = bench_device_stages(stages, crops, masks, batch_size)
+        run_s, run_cells, _ = bench_run(slide_dir, tmp / "out", model, profile, classifier, device=device,
+                                        precision=precision, batch_size=batch_size, workers=args.workers,
+                                        processes=args.processes)
+        rows = {"(a) read+detect+crop": extract_s / n_cells}
+        rows.update({f"(b) {name}": s / n_cells for name, s in device_s.items()})
+        rows["(c) whole run"] = run_s / run_cells
+        if not args.no_fp32_run and precision != "fp32":
+            fp32_s, fp32_cells, _ = bench_run(slide_dir, tmp / "out32", model, profile, classifier, device=device,
+                                              precision="fp32", batch_size=batch_size, workers=args.workers,
+                                              processes=args.processes)
+            rows["(c) whole run at fp32"] = fp32_s / fp32_cells
+        slowest = max(rows["(a) read+detect+crop"], rows["(b) chained"])
+        result.update({
+            "captures": n_captures, "cells": n_cells, "base_filters": args.base_filters, "batch_size": batch_size,
+            "seconds_per_cell": rows, "ratio_run_over_slowest": slowest / rows["(c) whole run"],
+        })
+        if not args.no_parity and precision != "fp32":
+            result["parity"] = parity(crops, train_cell_classifier(tmp), precision=precision, device=device)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(result, indent=2))
         return
-    print(f"{'device':8} {'stage':22} {'captures/s':>11} {'cells/s':>9}")
-    for row in rows:
-        for stage, label in (("extract", "(a) read+detect+crop"), ("generate", "(b) generator alone"),
-                             ("run", "(c) whole run"), ("steady", "(c) after start-up")):
-            print(f"{row['device']:8} {label:22} {row['captures_per_s'][stage]:11.2f} {row['cells_per_s'][stage]:9.2f}")
-        print(f"{row['device']:8} ratio (c)/min(a,b) = {row['ratio_run_over_slowest_stage']:.3f} whole run, "
-              f"{row['ratio_steady_over_slowest_stage']:.3f} after start-up  "
-              f"({row['captures']} captures, {row['cells']} cells, base_filters {row['base_filters']})")
+    print(f"machine: {result['machine']}")
+    print(f"{n_captures} captures, {n_cells} cells; generator base_filters {args.base_filters}, "
+          f"{device} at {precision}, batch {batch_size}")
+    print(f"{'stage':28} {'cells/s':>9} {'ms/cell':>9} {'captures/s':>11}")
+    for name, spc in rows.items():
+        print(f"{name:28} {1 / spc:9.1f} {1000 * spc:9.2f} {n_captures / n_cells / spc:11.2f}")
+    print(f"ratio (c) / min(a, b chained) = {result['ratio_run_over_slowest']:.3f}")
+    for line in target_lines(args.targets, rows, result):
+        print(line)
+    if "parity" in result:
+        p = result["parity"]
+        print(f"parity {precision} vs fp32 on the demo model ({p['cells']} cells): mean |diff| "
+              f"{p['mean_abs_diff']:.3f} grey levels (max {p['max_abs_diff']}, {100 * p['pixels_within_1']:.2f} % of "
+              f"pixels within 1), classifier agreement {100 * p['classifier_agreement']:.2f} %")
 
 
 if __name__ == "__main__":

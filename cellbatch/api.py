@@ -13,8 +13,9 @@ import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellbatch import __version__
 from cellbatch.errors import ConfigError, InputNotFoundError
@@ -22,6 +23,9 @@ from cellbatch.extract import ExtractSettings
 from cellbatch.pipeline import RunReport, RunSettings, Stages, base_provenance, run_slides
 from cellbatch.provenance import utc_now
 from cellbatch.shard import SharedRunReport, SlideClaims
+
+if TYPE_CHECKING:
+    from cellbatch.check.agreement import AgreementCheck
 
 
 def convert(
@@ -31,7 +35,8 @@ def convert(
     model: str | Path | None = None,
     model_sha256: str | None = None,
     device: str = "auto",
-    batch_size: int = 16,
+    precision: str = "auto",
+    batch_size: int | str = 16,
     cell_diameter: float = 110.0,
     detector: str = "threshold",
     drop_edge: bool = False,
@@ -70,6 +75,7 @@ def convert(
     from cellbatch.cluster import check_scheduler_address
     from cellbatch.generate import resolve_device
     from cellbatch.lock import RunLock
+    from cellbatch.precision import resolve_precision
     from cellbatch.runlog import SlideTimes, run_log
     from cellbatch.safepath import check_out_apart, check_writable, output_errors
     from cellbatch.write import clear_staging
@@ -89,17 +95,23 @@ def convert(
     apply_budget(budget)
     settings = RunSettings(
         extract=ExtractSettings(detector=detector, cell_diameter=cell_diameter, drop_edge=drop_edge),
-        batch_size=batch_size, device=resolved, normalise=tuple(s for s in normalise if s != "none"),
+        batch_size=1 if batch_size == "auto" else int(batch_size), device=resolved,
+        precision=resolve_precision(precision, resolved), normalise=tuple(s for s in normalise if s != "none"),
         force=force, scheduler=scheduler, workers=budget.dask_workers, processes=processes, threads=budget.cores,
     )
     stages = load_stages(settings, model=model, model_sha256=model_sha256, classifier=classifier, classes=classes,
                          reference=reference, min_agreement=min_agreement, min_confidence=min_confidence)
+    if batch_size == "auto":
+        chosen = resolve_batch_size("auto", stages, crop_size=settings.extract.crop_size)
+        settings = replace(settings, batch_size=chosen)
     check_writable(out)
     report_type = RunReport if shard is None else SharedRunReport
     report = report_type(out=out, command=command or list(sys.argv), started=utc_now(), min_agreement=min_agreement)
+    if batch_size == "auto":
+        report.notes.append(f"--batch-size auto: {settings.batch_size} crops per batch on {resolved}")
     if stages.generator is not None:
-        report.generation = f"{model} on {resolved}"
-        if stages.generator.model.metadata.get("trained") is False:
+        report.generation = f"{model} on {resolved} at {settings.precision}"
+        if stages.generator.provenance()["metadata"].get("trained") is False:
             report.notes.append(f"model {model} is UNTRAINED (exported with --untrained): "
                                 "its output is not a conversion")
             on_warning(report.notes[-1])
@@ -110,7 +122,7 @@ def convert(
         for note in report.notes:
             log.warning(note)
         if scheduler and stages.generator is not None:
-            use_gpu_workers(stages, client, device=device, report=report)
+            use_gpu_workers(stages, client, device=device, precision=precision, report=report)
         if shard is None:  # a shard leaves it alone: other shards' slides are being written there
             with output_errors(out, doing="prepare the staging folder in"):
                 clear_staging(out)
@@ -118,7 +130,7 @@ def convert(
         provenance["command"] = report.command
         provenance["options"] = run_options
         key_extra = {
-            "model_sha256": stages.generator.model.sha256 if stages.generator is not None else None,
+            "model_sha256": stages.generator.provenance()["sha256"] if stages.generator is not None else None,
             "classifier_sha256": stages.check.provenance()["sha256"] if stages.check is not None else None,
             "normalisers": provenance["normalisation"],
         }
@@ -127,6 +139,7 @@ def convert(
                    key_extra=key_extra, report=report, on_progress=times.wrap(on_progress), on_plan=on_plan,
                    claims=claims)
         times.flush()
+        report.notes.extend(stages.notes)
         report.finished = utc_now()
         report.save()
         write_crate(out, report, source_paths)
@@ -169,12 +182,28 @@ def shard_claims(out: Path, shard: tuple[int, int] | None) -> Iterator[SlideClai
         yield claims
 
 
-def use_gpu_workers(stages: Stages, client: Any, *, device: str, report: RunReport) -> None:
-    """On a cluster with workers that declare a GPU resource, run the generator there."""
-    from cellbatch.generate import ClusterGenerator, gpu_workers
+# --batch-size auto on CPU: the generator's CPU time per crop still falls from 16 to 32 crops (by a
+# fifth for the thesis-size one, docs/devices.md); past that, a batch only adds memory and latency.
+CPU_AUTO_BATCH = 32
+# --batch-size auto on CUDA: the largest power of two up to this that fits in device memory.
+MAX_AUTO_BATCH = 1024
 
-    if gpu_workers(client):
-        stages.generator = ClusterGenerator(stages.generator, client, device=device)
+
+def resolve_batch_size(value: int | str, stages: Stages, *, crop_size: int) -> int:
+    """``--batch-size``: a number, or ``auto`` (on CUDA the largest batch the stages fit, found once)."""
+    if value != "auto":
+        return int(value)
+    if not stages.device.startswith("cuda") or (not stages.ordered() and stages.check is None):
+        return CPU_AUTO_BATCH
+    return stages.largest_batch(crop_size, limit=MAX_AUTO_BATCH)
+
+
+def use_gpu_workers(stages: Stages, client: Any, *, device: str, precision: str, report: RunReport) -> None:
+    """On a cluster with workers that declare a GPU resource, run the generator there."""
+    from cellbatch.generate import ClusterGenerator, Generator, gpu_workers
+
+    if gpu_workers(client) and isinstance(stages.generator, Generator):
+        stages.generator = ClusterGenerator(stages.generator, client, device=device, precision=precision)
         report.generation += f"; generator on the cluster's GPU workers {', '.join(stages.generator.workers)}"
 
 
@@ -193,15 +222,17 @@ def load_stages(
     from cellbatch.generate import Generator
     from cellbatch.normalise.base import parse_spec
     from cellbatch.registry import normalisers
+    from cellbatch.stages import NormaliserStage
 
-    stages = Stages()
+    stages = Stages(device=settings.device)
     if model is not None:
-        stages.generator = Generator.load(model, device=settings.device, expected_sha256=model_sha256)
+        stages.generator = Generator.load(model, device=settings.device, precision=settings.precision,
+                                          expected_sha256=model_sha256)
     elif model_sha256:
         raise ConfigError("--model-sha256 needs --model")
     for spec in settings.normalise:
         name, arg = parse_spec(spec)
-        stages.normalisers.append(normalisers.get(name)(arg))
+        stages.normalisers.append(NormaliserStage(normalisers.get(name)(arg), device=settings.device))
     if classifier is not None:
         stages.check = load_check(settings, classifier=classifier, classes=classes, reference=reference,
                                   min_agreement=min_agreement, min_confidence=min_confidence)
@@ -216,7 +247,7 @@ def load_check(
     reference: str | Path | None,
     min_agreement: float | None,
     min_confidence: float,
-) -> Any:
+) -> AgreementCheck:
     from cellbatch.check.agreement import AgreementCheck, CheckSettings, load_classifier
     from cellbatch.check.reference import ReferenceSource
 
@@ -233,6 +264,7 @@ def load_check(
                                batch_size=settings.batch_size),
         reference=ref,
         device=settings.device,
+        precision=settings.precision,
     )
 
 

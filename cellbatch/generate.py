@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cellbatch.errors import CellbatchError, ConfigError, ModelError, WorkerLostError
 from cellbatch.modelfile import ModelFile, load_model
+
+if TYPE_CHECKING:
+    from cellbatch.stages import Batch
 
 
 def resolve_device(device: str) -> str:
@@ -66,41 +69,70 @@ def from_range(x: Any, value_range: tuple[float, float]) -> Any:
 
 
 class Generator:
-    """A loaded generator: ``Generator(model_file, device=...)(crops) -> generated crops``."""
+    """A loaded generator, a :class:`~cellbatch.stages.Stage` whose output is written as ``generated``.
 
-    def __init__(self, model: ModelFile, *, device: str = "cpu") -> None:
+    ``Generator.load(path, device=..., precision=...)``; ``generator(batch) -> batch`` on the device,
+    or ``generator.generate(crops) -> crops`` for numpy arrays on the host.
+    """
+
+    output = "generated"
+
+    def __init__(self, model: ModelFile, *, device: str = "cpu", precision: str = "fp32") -> None:
+        from cellbatch.precision import prepare_module
+
         self.model = model
         self.device = device
         meta = model.metadata
         self.input_range = tuple(float(v) for v in meta["input_range"])
         self.output_range = tuple(float(v) for v in meta["output_range"])
         self.tile_multiple = int(meta.get("tile_multiple", 1))
+        model.module, self.precision = prepare_module(model.module, precision=precision, device=device)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str = "cpu", expected_sha256: str | None = None) -> Generator:
-        return cls(load_model(path, kind="generator", device=device, expected_sha256=expected_sha256), device=device)
+    def load(
+        cls, path: str | Path, *, device: str = "cpu", precision: str = "fp32", expected_sha256: str | None = None
+    ) -> Generator:
+        model = load_model(path, kind="generator", device=device, expected_sha256=expected_sha256)
+        return cls(model, device=device, precision=precision)
 
-    def __call__(self, crops: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: Batch) -> Batch:
+        return batch.with_output(self.run(batch.image), self.output)
+
+    def run(self, images: Any) -> Any:
+        """(N, H, W, 3) uint8 tensor on the device -> generated (N, H, W, 3) uint8 tensor there."""
         import torch
 
-        n, h, w, _ = crops.shape
-        x = to_range(torch.from_numpy(np.ascontiguousarray(crops)).to(self.device), self.input_range)
+        from cellbatch.precision import network_input
+
+        _, h, w, _ = images.shape
+        x = to_range(images, self.input_range)
         pad_h, pad_w = -h % self.tile_multiple, -w % self.tile_multiple
         if pad_h or pad_w:
             x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+        x = network_input(x, self.precision)
         with torch.inference_mode():
             try:
                 y = self.model.module(x)
             except Exception as exc:
+                from cellbatch.stages import is_out_of_memory
+
+                if is_out_of_memory(exc):
+                    raise  # the consumer halves the batch and retries
                 raise ModelError(
                     f"generator {self.model.path} failed on a batch of shape {tuple(x.shape)}: "
                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                 ) from exc
         check_output(y, tuple(x.shape), self.model.path)
-        return from_range(y[:, :, :h, :w], self.output_range).cpu().numpy()
+        return from_range(y[:, :, :h, :w], self.output_range)
+
+    def generate(self, crops: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 crops on the host -> generated crops on the host."""
+        import torch
+
+        return self.run(torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)).cpu().numpy()
 
     def provenance(self) -> dict[str, Any]:
-        return self.model.provenance()
+        return {**self.model.provenance(), "precision": self.precision}
 
 
 def check_output(y: Any, expected_shape: tuple[int, ...], path: Path) -> None:
@@ -121,14 +153,17 @@ def check_output(y: Any, expected_shape: tuple[int, ...], path: Path) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _loaded_on_this_worker(path: str, sha256: str, device: str) -> Generator:
+def _loaded_on_this_worker(path: str, sha256: str, device: str, precision: str) -> Generator:
     # One load per worker process and model: Dask reuses the process across tasks.
-    return Generator.load(path, device=resolve_device(device), expected_sha256=sha256)
+    from cellbatch.precision import resolve_precision
+
+    device = resolve_device(device)
+    return Generator.load(path, device=device, precision=resolve_precision(precision, device), expected_sha256=sha256)
 
 
-def generate_batch(path: str, sha256: str, device: str, crops: np.ndarray) -> np.ndarray:
+def generate_batch(path: str, sha256: str, device: str, precision: str, crops: np.ndarray) -> np.ndarray:
     """The Dask task that runs the generator on a worker (see :class:`ClusterGenerator`)."""
-    return _loaded_on_this_worker(path, sha256, device)(crops)
+    return _loaded_on_this_worker(path, sha256, device, precision).generate(crops)
 
 
 def gpu_workers(client: Any) -> list[str]:
@@ -144,21 +179,27 @@ class ClusterGenerator:
     sha256 is checked there, so a worker never runs a different file than the one in provenance.
     """
 
-    def __init__(self, local: Generator, client: Any, *, device: str) -> None:
+    output = "generated"
+
+    def __init__(self, local: Generator, client: Any, *, device: str, precision: str = "auto") -> None:
         self.model = local.model
         self.client = client
         self.device = device
+        self.precision = precision  # resolved on each worker, for its own device
         self.workers = gpu_workers(client)
 
-    def __call__(self, crops: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: Batch) -> Batch:
+        import torch
+
         future = self.client.submit(generate_batch, str(self.model.path.resolve()), self.model.sha256, self.device,
-                                    crops, resources={"GPU": 1}, pure=False)
+                                    self.precision, batch.image.cpu().numpy(), resources={"GPU": 1}, pure=False)
         try:
-            return future.result()
+            generated = future.result()
         except CellbatchError:
             raise
         except Exception as exc:  # a lost worker (KilledWorker, closed comm): this slide fails, the run goes on
             raise WorkerLostError(f"the generator task failed on the cluster: {type(exc).__name__}: {exc}") from exc
+        return batch.with_output(torch.from_numpy(generated).to(batch.image.device), self.output)
 
     def provenance(self) -> dict[str, Any]:
-        return {**self.model.provenance(), "ran_on": self.workers}
+        return {**self.model.provenance(), "precision": self.precision, "ran_on": self.workers}

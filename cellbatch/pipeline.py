@@ -18,13 +18,13 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cellbatch import __version__
 from cellbatch.cluster import gather_or_lost, result_or_lost
-from cellbatch.errors import CellbatchError, ClusterLostError, ExitCode, InputFormatError
+from cellbatch.errors import CellbatchError, ClusterLostError, ExitCode, InputFormatError, ModelError
 from cellbatch.extract import CaptureRef, CaptureResult, ExtractSettings, capture_refs, extract_chunk, hash_captures
 from cellbatch.provenance import content_key, environment, utc_now
 from cellbatch.read import (
@@ -37,7 +37,11 @@ from cellbatch.read import (
     validate_slide,
 )
 from cellbatch.safepath import output_clashes, output_dir_for, output_errors
+from cellbatch.stages import Download, Stage, Transfer, is_out_of_memory, run_stages
 from cellbatch.write import CELL_COLUMNS, CHECK_COLUMNS, SlideWriter, write_json_atomic
+
+if TYPE_CHECKING:
+    from cellbatch.check.agreement import AgreementCheck
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class RunSettings:
     batch_size: int = 16
     chunk_captures: int = 4
     device: str = "cpu"
+    precision: str = "fp32"  # resolved: fp32, bf16 or fp16 (cellbatch.precision)
     normalise: tuple[str, ...] = ()
     force: bool = False
     scheduler: str | None = None
@@ -57,7 +62,7 @@ class RunSettings:
 
     def key_parameters(self) -> dict[str, Any]:
         """The settings that change a slide's bytes (device and scheduling do not, on CPU)."""
-        return {"extract": asdict(self.extract), "normalise": list(self.normalise)}
+        return {"extract": asdict(self.extract), "normalise": list(self.normalise), "precision": self.precision}
 
 
 @dataclass
@@ -358,37 +363,136 @@ def _collect(client: Any, plan: SlidePlan, i: int, n: int, refs: list[CaptureRef
 
 @dataclass
 class Stages:
-    """The loaded per-batch stages: generator, normalisers and agreement check, any of them absent."""
+    """The loaded per-batch stages: generator, normalisers and agreement check, any of them absent.
 
-    generator: Any = None
-    normalisers: list[Any] = field(default_factory=list)
-    check: Any = None
+    Generator and normalisers are :class:`~cellbatch.stages.Stage` s applied in that order on
+    ``device``; the check classifies the input and the last image on the device too.
+    """
+
+    generator: Stage | None = None
+    normalisers: list[Stage] = field(default_factory=list)
+    check: AgreementCheck | None = None
+    device: str = "cpu"
+    max_batch: int | None = None  # set when a batch ran out of device memory
+    notes: list[str] = field(default_factory=list)  # for run.json
+    _transfer: Transfer | None = field(default=None, init=False, repr=False)
+
+    def ordered(self) -> list[Stage]:
+        return ([self.generator] if self.generator is not None else []) + list(self.normalisers)
 
     def arrays(self, size: int) -> dict[str, tuple[int, ...]]:
         shapes = {"crop": (size, size, 3), "mask": (size, size)}
-        if self.generator is not None:
-            shapes["generated"] = (size, size, 3)
-        if self.normalisers:
-            shapes["normalised"] = (size, size, 3)
+        for stage in self.ordered():
+            shapes[stage.output] = (size, size, 3)
         return shapes
 
     def columns(self) -> tuple[str, ...]:
         return CELL_COLUMNS + (CHECK_COLUMNS if self.check is not None else ())
 
+    def submit(self, crops: np.ndarray, masks: np.ndarray) -> InFlight:
+        """Upload a batch, queue every stage on the device and start the downloads; returns at once on CUDA.
+
+        Out of device memory, the batch is halved and retried, and later batches are split to the
+        size that fitted (noted in ``notes``): no cell is lost.
+        """
+        if self.max_batch is not None and len(crops) > self.max_batch:
+            m = self.max_batch
+            return InFlight.joined(crops, masks, [self.submit(crops[i : i + m], masks[i : i + m])
+                                                  for i in range(0, len(crops), m)])
+        try:
+            return self._submit(crops, masks)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if len(crops) == 1:
+                raise ModelError(f"one crop does not fit in the memory of {self.device}: use --device cpu, "
+                                 "or a smaller model") from exc
+            self._release_memory()
+            self.max_batch = len(crops) // 2
+            self.notes.append(f"out of memory on {self.device} with a batch of {len(crops)} crops: "
+                              f"halved to {self.max_batch} and retried (no cell lost)")
+            return self.submit(crops, masks)
+
+    def _submit(self, crops: np.ndarray, masks: np.ndarray) -> InFlight:
+        if self._transfer is None:
+            self._transfer = Transfer(self.device)
+        batch = run_stages(self.ordered(), self._transfer.upload(crops, masks))
+        downloads = dict(batch.arrays)
+        if self.check is not None:
+            downloads.update(self.check.score(batch.crops, batch.image))
+        return InFlight(crops=crops, masks=masks, downloads=[self._transfer.download(downloads)])
+
     def process(self, crops: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
-        arrays = {"crop": crops, "mask": masks}
-        current = crops
-        if self.generator is not None:
-            current = arrays["generated"] = self.generator(crops)
-        if self.normalisers:
-            for normaliser in self.normalisers:
-                current = normaliser(current, masks)
-            arrays["normalised"] = current
-        return arrays
+        """Every image array of one batch on the host: ``crop``, ``mask`` and each stage's output."""
+        return self.submit(crops, masks).arrays()
+
+    def largest_batch(self, crop_size: int, *, limit: int) -> int:
+        """The largest power-of-two batch up to ``limit`` that the stages run without running out of memory.
+
+        Tried once, on a synthetic batch, before the first slide (``--batch-size auto`` on CUDA).
+        """
+        rng = np.random.default_rng(0)
+        fits, n = 0, 1
+        while n <= limit:
+            crops = rng.integers(0, 256, (n, crop_size, crop_size, 3), dtype=np.uint8)
+            masks = rng.integers(0, 4, (n, crop_size, crop_size), dtype=np.uint8)
+            try:
+                self._submit(crops, masks).results()
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self._release_memory()
+                break
+            fits, n = n, 2 * n
+        if fits == 0:
+            raise ModelError(f"one crop does not fit in the memory of {self.device}: use --device cpu, "
+                             "or a smaller model")
+        return fits
+
+    def _release_memory(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+@dataclass
+class InFlight:
+    """A batch whose device work is queued: its input on the host and its outputs on their way back."""
+
+    crops: np.ndarray
+    masks: np.ndarray
+    downloads: list[Download]
+    _done: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def joined(cls, crops: np.ndarray, masks: np.ndarray, parts: list[InFlight]) -> InFlight:
+        """One batch made of consecutive parts submitted separately."""
+        return cls(crops=crops, masks=masks, downloads=[d for part in parts for d in part.downloads])
+
+    def results(self) -> dict[str, np.ndarray]:
+        if self._done is None:
+            parts = [d.wait() for d in self.downloads]
+            self._done = parts[0] if len(parts) == 1 else {
+                name: np.concatenate([part[name] for part in parts]) for name in parts[0]
+            }
+        return self._done
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"crop": self.crops, "mask": self.masks,
+                **{k: v for k, v in self.results().items() if not k.startswith("p_")}}
+
+    def probabilities(self) -> dict[str, np.ndarray] | None:
+        found = {k: v for k, v in self.results().items() if k.startswith("p_")}
+        return found or None
 
 
 class SlideRun:
-    """The cells of one slide flowing from extraction results to its writer, in batches."""
+    """The cells of one slide flowing from extraction results to its writer, in batches.
+
+    A batch is submitted to the device before the previous one is written, so on CUDA the device
+    computes one batch while this process writes the last one and gathers the next.
+    """
 
     def __init__(self, plan: SlidePlan, stages: Stages, settings: RunSettings, out: Path) -> None:
         self.plan = plan
@@ -404,6 +508,7 @@ class SlideRun:
         self._rows: list[dict[str, Any]] = []
         self._crops: list[np.ndarray] = []
         self._masks: list[np.ndarray] = []
+        self._in_flight: tuple[list[dict[str, Any]], InFlight] | None = None
 
     def add(self, results: list[CaptureResult]) -> int:
         cells = 0
@@ -429,10 +534,16 @@ class SlideRun:
         rows, self._rows = self._rows[:n], self._rows[n:]
         crops, self._crops = np.stack(self._crops[:n]), self._crops[n:]
         masks, self._masks = np.stack(self._masks[:n]), self._masks[n:]
-        arrays = self.stages.process(crops, masks)
+        previous, self._in_flight = self._in_flight, (rows, self.stages.submit(crops, masks))
+        if previous is not None:
+            self._write(*previous)
+
+    def _write(self, rows: list[dict[str, Any]], batch: InFlight) -> None:
+        arrays = batch.arrays()
         if self.stages.check is not None:
-            output = arrays.get("normalised", arrays.get("generated", crops))
-            checked = self.stages.check.check_batch(self.check_state, rows, crops, output)
+            output = arrays.get("normalised", arrays.get("generated", batch.crops))
+            checked = self.stages.check.check_batch(self.check_state, rows, batch.crops, output,
+                                                    probabilities=batch.probabilities())
             for row, extra in zip(rows, checked, strict=True):
                 row.update(extra)
         self.writer.add(rows, arrays)
@@ -440,6 +551,9 @@ class SlideRun:
     def commit(self, provenance_base: dict[str, Any]) -> SlideReport:
         if self._rows:
             self._flush(len(self._rows))
+        if self._in_flight is not None:
+            self._write(*self._in_flight)
+            self._in_flight = None
         check = None
         if self.stages.check is not None:
             check = self.stages.check.finish_slide(self.check_state, self.writer.folder)

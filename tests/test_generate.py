@@ -14,7 +14,7 @@ def crops():
 
 def test_negating_generator_gives_255_minus_crop(tmp_path, crops):
     gen = Generator.load(save_generator(Negate(), tmp_path / "neg.pt"))
-    assert np.array_equal(gen(crops), 255 - crops)
+    assert np.array_equal(gen.generate(crops), 255 - crops)
 
 
 def test_range_round_trip_is_exact():
@@ -27,19 +27,19 @@ def test_range_round_trip_is_exact():
 def test_crops_are_padded_to_the_tile_multiple_and_cropped_back(tmp_path):
     gen = Generator.load(save_generator(NeedsTileMultiple(), tmp_path / "tile.pt"))
     crops = np.random.default_rng(1).integers(0, 256, (2, 100, 150, 3), dtype=np.uint8)
-    assert np.array_equal(gen(crops), crops)
+    assert np.array_equal(gen.generate(crops), crops)
 
 
 def test_nan_output_is_a_model_error(tmp_path, crops):
     gen = Generator.load(save_generator(ReturnsNaN(), tmp_path / "nan.pt"))
     with pytest.raises(ModelError, match="NaN"):
-        gen(crops)
+        gen.generate(crops)
 
 
 def test_wrong_output_shape_is_a_model_error(tmp_path, crops):
     gen = Generator.load(save_generator(HalvesSize(), tmp_path / "half.pt"))
     with pytest.raises(ModelError, match="shape"):
-        gen(crops)
+        gen.generate(crops)
 
 
 def test_a_state_dict_is_not_a_model(tmp_path):
@@ -82,4 +82,4 @@ def test_generator_on_cuda_gives_the_cpu_result(tmp_path, crops):
 @pytest.mark.gpu
 def test_negating_generator_on_cuda_is_exact(tmp_path, crops):
     gen = Generator.load(save_generator(Negate(), tmp_path / "neg.pt"), device="cuda")
-    assert np.array_equal(gen(crops), 255 - crops)
+    assert np.array_equal(gen.generate(crops), 255 - crops)

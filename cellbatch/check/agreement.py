@@ -101,7 +101,12 @@ def load_classifier(path: str | Path, *, classes: Sequence[str] | None = None, d
 
 
 def classify(
-    crops: np.ndarray, *, classifier: ModelFile, device: str = "cpu", batch_size: int = 64
+    crops: np.ndarray,
+    *,
+    classifier: ModelFile,
+    device: str = "cpu",
+    batch_size: int = 64,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class index and softmax probabilities of every crop.
 
@@ -110,7 +115,8 @@ def classify(
     crops : (N, 256, 256, 3) uint8
         RGB crops.
     classifier
-        A classifier from :func:`load_classifier`, already on ``device``.
+        A classifier from :func:`load_classifier`, already on ``device`` (and cast to ``precision``
+        by :func:`~cellbatch.precision.prepare_module` unless fp32).
 
     Returns
     -------
@@ -119,28 +125,38 @@ def classify(
     """
     import torch
 
-    from cellbatch.generate import to_range
-
     _check_crops(crops, "crops to classify")
+    probabilities = np.empty((len(crops), len(classifier.metadata["classes"])), np.float32)
+    for start in range(0, len(crops), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(crops[start : start + batch_size])).to(device)
+        probabilities[start : start + len(batch)] = classify_tensors(
+            batch, classifier=classifier, precision=precision
+        ).cpu().numpy()
+    return probabilities.argmax(axis=1).astype(np.int64), probabilities
+
+
+def classify_tensors(images: Any, *, classifier: ModelFile, precision: str = "fp32") -> Any:
+    """Softmax probabilities (N, K) float32 of (N, 256, 256, 3) uint8 crops, a tensor on the classifier's device."""
+    import torch
+
+    from cellbatch.generate import to_range
+    from cellbatch.precision import network_input
+
     classes = classifier.metadata["classes"]
     value_range = tuple(classifier.metadata.get("input_range", (0, 1)))
-    probabilities = np.empty((len(crops), len(classes)), np.float32)
     with torch.inference_mode():
-        for start in range(0, len(crops), batch_size):
-            batch = np.ascontiguousarray(crops[start : start + batch_size])
-            x = to_range(torch.from_numpy(batch).to(device), value_range)
-            logits = classifier.module(x)
-            n = x.shape[0]
-            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (n, len(classes)):
-                shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise ModelError(
-                    f"classifier {classifier.path} returned {shape} for {n} crops, not ({n}, {len(classes)}) "
-                    f"logits for its classes {','.join(classes)}: check the file or --classes"
-                )
-            if not torch.isfinite(logits).all():
-                raise ModelError(f"classifier {classifier.path} returned non-finite logits: the file is broken")
-            probabilities[start : start + n] = torch.softmax(logits.float(), dim=1).cpu().numpy()
-    return probabilities.argmax(axis=1).astype(np.int64), probabilities
+        x = network_input(to_range(images, value_range), precision)
+        logits = classifier.module(x)
+        n = x.shape[0]
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (n, len(classes)):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ModelError(
+                f"classifier {classifier.path} returned {shape} for {n} crops, not ({n}, {len(classes)}) "
+                f"logits for its classes {','.join(classes)}: check the file or --classes"
+            )
+        if not torch.isfinite(logits).all():
+            raise ModelError(f"classifier {classifier.path} returned non-finite logits: the file is broken")
+        return torch.softmax(logits.float(), dim=1)
 
 
 class AgreementCheck:
@@ -156,6 +172,9 @@ class AgreementCheck:
         Paired reference captures; ``None`` makes the raw input crop the reference.
     device
         Torch device the classifier runs on.
+    precision
+        ``fp32``, ``bf16`` or ``fp16`` (resolved, see :mod:`cellbatch.precision`): the classifier's
+        weights are cast to it here.
 
     Examples
     --------
@@ -172,9 +191,13 @@ class AgreementCheck:
         settings: CheckSettings,
         reference: ReferenceSource | None = None,
         device: str = "cpu",
+        precision: str = "fp32",
     ) -> None:
+        from cellbatch.precision import prepare_module
+
         if not classifier.metadata.get("classes"):
             raise ModelError(f"{classifier.path} does not name its classes: pass --classes a,b,c")
+        classifier.module, self.precision = prepare_module(classifier.module, precision=precision, device=device)
         self.classifier = classifier
         self.classes: list[str] = list(classifier.metadata["classes"])
         self.settings = settings
@@ -185,8 +208,27 @@ class AgreementCheck:
         k = len(self.classes)
         return SlideState(slide_name=slide_name, matrix=np.zeros((k, k), np.int64))
 
+    def score(self, crops: Any, outputs: Any) -> dict[str, Any]:
+        """Class probabilities of input and output crops, uint8 (N, 256, 256, 3) tensors on the device.
+
+        The run calls this on the batch already on the device, so the classifier needs no upload of
+        its own; the result (``{"p_input": (N, K), "p_output": (N, K)}`` float32 tensors) goes to
+        :meth:`check_batch` as ``probabilities``.
+        """
+        p_input = classify_tensors(crops, classifier=self.classifier, precision=self.precision)
+        if outputs is crops:
+            return {"p_input": p_input, "p_output": p_input}
+        return {"p_input": p_input,
+                "p_output": classify_tensors(outputs, classifier=self.classifier, precision=self.precision)}
+
     def check_batch(
-        self, state: SlideState, rows: list[dict[str, Any]], crops: np.ndarray, outputs: np.ndarray
+        self,
+        state: SlideState,
+        rows: list[dict[str, Any]],
+        crops: np.ndarray,
+        outputs: np.ndarray,
+        *,
+        probabilities: Mapping[str, np.ndarray] | None = None,
     ) -> list[dict[str, Any]]:
         """Classify one batch of cells and add it to the slide's counts.
 
@@ -197,6 +239,8 @@ class AgreementCheck:
             reference cell).
         crops, outputs : (N, 256, 256, 3) uint8
             The raw input crops and what the run writes last for the same cells.
+        probabilities
+            ``p_input`` and ``p_output`` from :meth:`score`, when the crops were classified already.
 
         Returns
         -------
@@ -214,11 +258,15 @@ class AgreementCheck:
         n = len(rows)
         if n == 0:
             return []
-        label_input, prob_input = self._classify(crops)
-        if outputs is crops or np.array_equal(outputs, crops):
-            label_output, prob_output = label_input, prob_input
+        if probabilities is not None:
+            prob_input, prob_output = probabilities["p_input"], probabilities["p_output"]
+            label_input, label_output = prob_input.argmax(axis=1), prob_output.argmax(axis=1)
         else:
-            label_output, prob_output = self._classify(outputs)
+            label_input, prob_input = self._classify(crops)
+            if outputs is crops or np.array_equal(outputs, crops):
+                label_output, prob_output = label_input, prob_input
+            else:
+                label_output, prob_output = self._classify(outputs)
         label_reference = label_input.copy()
         has_reference = np.ones(n, bool)
         if self.reference is not None:
@@ -279,10 +327,12 @@ class AgreementCheck:
             "settings": asdict(self.settings),
             "reference": None if self.reference is None else self.reference.provenance(),
             "device": self.device,
+            "precision": self.precision,
         }
 
     def _classify(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return classify(crops, classifier=self.classifier, device=self.device, batch_size=self.settings.batch_size)
+        return classify(crops, classifier=self.classifier, device=self.device, batch_size=self.settings.batch_size,
+                        precision=self.precision)
 
 
 def summarise(

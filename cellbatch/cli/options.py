@@ -87,6 +87,17 @@ def use_threads(threads: int | None, *, command: str, device: str = "cpu") -> No
     apply_budget(thread_budget(threads, command=command, device=device))
 
 
+def precision_option(f: F) -> F:
+    return click.option(
+        "--precision",
+        type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        default="auto",
+        show_default=True,
+        help="Number format of the generator and classifier: auto is bf16 on CUDA and on CPUs with native "
+        "bf16 (AMX, AVX512-BF16), fp32 elsewhere; fp16 needs CUDA.",
+    )(f)
+
+
 def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")(f)
 

@@ -18,9 +18,30 @@ from cellbatch.cli.options import (
     detector_option,
     device_option,
     json_option,
+    precision_option,
     quiet_option,
     threads_option,
 )
+
+
+class BatchSize(click.ParamType):
+    """A positive number of crops, or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if value == "auto" or isinstance(value, int) and value >= 1:
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is neither a positive number of crops nor auto", param, ctx)
+        return number
+
+
+BATCH_SIZE = BatchSize()
 
 
 @click.command("run")
@@ -31,7 +52,9 @@ from cellbatch.cli.options import (
               help="Generator file (.pt or .onnx); without it, generation is skipped.")
 @click.option("--model-sha256", metavar="HEX", help="Refuse a model file whose sha256 differs.")
 @device_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Crops per model call.")
+@precision_option
+@click.option("--batch-size", type=BATCH_SIZE, default="16", show_default=True,
+              help="Crops per device batch, or auto (on CUDA the largest that fits; 32 on CPU).")
 @cell_diameter_option
 @detector_option
 @click.option("--drop-edge", is_flag=True, help="Leave out cells cut by the capture border.")

@@ -32,13 +32,16 @@ part darker than an Otsu threshold of the non-background brightness.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from cellbatch.detect.base import BACKGROUND, NUCLEUS
 from cellbatch.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 SYNTAX = "write display:background=R,G,B;nucleus_gain=G;contrast=C;softness=PX (all optional)"
 # Accepted ranges. A gain of 10 already saturates every nucleus; a blur wider than a crop (256 px)
@@ -183,6 +186,75 @@ def display(image: np.ndarray, labels: np.ndarray | None = None, *, settings: Di
     return np.ascontiguousarray(x.astype(np.uint8).T).reshape(image.shape)
 
 
+def display_tensors(images: torch.Tensor, masks: torch.Tensor | None, *, settings: DisplaySettings) -> torch.Tensor:
+    """:func:`display` for a batch of (N, H, W, 3) uint8 tensors (masks (N, H, W) uint8 or ``None``).
+
+    Both ways of finding the background (labelled, estimated from colour) are computed for the
+    whole batch and each crop takes the one :func:`soft_regions` would pick for it.
+    """
+    import torch
+
+    from cellbatch.normalise.torch_ops import gaussian_blur, masked_mean, masked_quantile, planar, to_images
+
+    n, h, w, _ = images.shape
+    x = planar(images)  # (N, 3, P)
+    lum = x.sum(dim=1) / 3
+    # estimated from colour: the brightest, least saturated quarter
+    score = lum - (x.amax(dim=1) - x.amin(dim=1))
+    kth = (3 * score.shape[1]) // 4
+    brightest = score >= score.kthvalue(kth + 1, dim=1).values.unsqueeze(1)
+    background = masked_quantile(x, brightest.unsqueeze(1), 0.5)  # (N, 3)
+    dist = torch.linalg.vector_norm(x - background.unsqueeze(2), dim=1)  # (N, P)
+    spread = (3.0 * masked_quantile(dist, brightest, 0.5)).clamp(min=MIN_BACKGROUND_SPREAD)
+    p_bg = torch.exp(-0.5 * (dist / spread.unsqueeze(1)) ** 2)
+    if masks is not None:
+        flat = masks.reshape(n, -1)
+        bg_mask = flat == BACKGROUND
+        labelled = bg_mask.sum(dim=1) >= MIN_BACKGROUND_PIXELS
+        background = torch.where(labelled.unsqueeze(1), masked_mean(x, bg_mask), background)
+        p_bg = torch.where(labelled.unsqueeze(1), bg_mask.to(torch.float32), p_bg)
+        p_nuc = (flat == NUCLEUS).to(torch.float32)
+    else:
+        p_nuc = _dark_part_tensors(lum, p_bg)
+    p_bg = gaussian_blur(p_bg.reshape(n, h, w), settings.softness).reshape(n, 1, -1)
+    p_nuc = gaussian_blur(p_nuc.reshape(n, h, w), settings.softness).reshape(n, 1, -1)
+    target = torch.tensor(settings.background, dtype=torch.float32, device=x.device).view(1, 3, 1)
+    x = x * (target / background.clamp(min=1.0).unsqueeze(2))
+    x = target - settings.contrast * (target - x)
+    weight = p_nuc.sum(dim=2, keepdim=True)
+    if settings.nucleus_gain != 1:
+        nuc_mean = (x * p_nuc).sum(dim=2, keepdim=True) / weight.clamp(min=1e-12)
+        x = torch.where(weight > 1, x + (settings.nucleus_gain - 1) * p_nuc * (x - nuc_mean), x)
+    x = x + p_bg * (target - x)
+    return to_images(x + 0.5, h, w)
+
+
+def _dark_part_tensors(lum: torch.Tensor, p_bg: torch.Tensor) -> torch.Tensor:
+    """:func:`_dark_part` for (N, P) brightness and background weight: Otsu's threshold of each crop's
+    foreground brightness (a 256-bin histogram over its range, as ``skimage.filters.threshold_otsu``)."""
+    import torch
+
+    fg = p_bg < 0.5
+    big = torch.finfo(lum.dtype).max
+    lo = lum.masked_fill(~fg, big).amin(dim=1, keepdim=True)
+    hi = lum.masked_fill(~fg, -big).amax(dim=1, keepdim=True)
+    span = hi - lo
+    bins = ((lum - lo) / span.clamp(min=1e-12) * 256).floor().clamp(0, 255).long()
+    counts = torch.zeros(lum.shape[0], 256, dtype=torch.float64, device=lum.device)
+    counts.scatter_add_(1, bins, fg.to(torch.float64))
+    edges = torch.linspace(0, 1, 257, dtype=torch.float64, device=lum.device)
+    centres = lo.double() + span.double() * (edges[:-1] + edges[1:]) / 2
+    weight1 = counts.cumsum(dim=1)
+    weight2 = counts.flip(1).cumsum(dim=1).flip(1)
+    mean1 = (counts * centres).cumsum(dim=1) / weight1
+    mean2 = (counts * centres).flip(1).cumsum(dim=1).flip(1) / weight2
+    variance12 = weight1[:, :-1] * weight2[:, 1:] * (mean1[:, :-1] - mean2[:, 1:]) ** 2
+    threshold = centres.gather(1, variance12.nan_to_num(-1.0).argmax(dim=1, keepdim=True)).to(lum.dtype)
+    dark = 1 / (1 + torch.exp((lum - threshold) / 2.0))
+    usable = (fg.sum(dim=1, keepdim=True) >= 64) & (span >= 1)
+    return torch.where(usable, dark, torch.zeros_like(lum))
+
+
 class DisplayNormaliser:
     """``--normalise display[:OPTIONS]``: constant background, contrast, nucleus contrast.
 
@@ -205,6 +277,10 @@ class DisplayNormaliser:
         for i in range(crops.shape[0]):
             out[i] = display(crops[i], None if masks is None else masks[i], settings=self.settings)
         return out
+
+    def apply_tensors(self, images: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """The same on a batch of (N, H, W, 3) uint8 tensors on any device."""
+        return display_tensors(images, masks, settings=self.settings)
 
     def provenance(self) -> dict[str, Any]:
         return {"name": self.name, "arg": self.arg, "settings": asdict(self.settings)}

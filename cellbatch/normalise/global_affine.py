@@ -9,13 +9,16 @@ shift that depends on the stain, where nucleus and background must move differen
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from cellbatch.normalise.gaussian import ColourStats, monge_map
 from cellbatch.normalise.profile import read_profile
+
+if TYPE_CHECKING:
+    import torch
 
 
 def fit_global(source: Iterable[np.ndarray], target: Iterable[np.ndarray]) -> dict[str, Any]:
@@ -65,6 +68,19 @@ class GlobalAffineNormaliser:
         for i in range(crops.shape[0]):
             out[i] = apply_affine(crops[i], self.a, self.b)
         return out
+
+    def apply_tensors(self, images: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """The same on a batch of (N, H, W, 3) uint8 tensors on any device."""
+        import torch
+
+        from cellbatch.normalise.torch_ops import planar, to_images
+
+        _, h, w, _ = images.shape
+        a = torch.from_numpy(self.a).to(images.device, torch.float32)
+        b = torch.from_numpy(self.b).to(images.device, torch.float32)
+        y = a @ planar(images) + b[:, None]
+        # cv2.transform rounds half to even; the +0.5-and-truncate of to_images differs only on exact halves
+        return to_images(y.round(), h, w)
 
     def provenance(self) -> dict[str, Any]:
         return {"name": self.name, "arg": self.arg, "profile": self.profile.provenance()}

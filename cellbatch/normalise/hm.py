@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from cellbatch.normalise.gaussian import ColourStats, Gaussians, monge_map
 from cellbatch.normalise.profile import read_profile
+
+if TYPE_CHECKING:
+    import torch
 
 # Indexed by label value (cellbatch.detect.base: BACKGROUND=0, RED_CELL=1, CYTOPLASM=2, NUCLEUS=3).
 CLASSES = ("background", "red_cell", "cytoplasm", "nucleus")
@@ -226,6 +229,51 @@ def _gaussian_fields(g: Gaussians, fill: Gaussians | None = None) -> dict[str, A
     return {"mean": mean, "cov": cov, "pixels": g.pixels}
 
 
+def hm_tensors(
+    images: torch.Tensor,
+    masks: torch.Tensor | None,
+    *,
+    likelihood: ClassLikelihood,
+    a: np.ndarray,
+    b: np.ndarray,
+    settings: SoftSettings = SoftSettings(),
+) -> torch.Tensor:
+    """:func:`class_probabilities` then :func:`blend_affine` for a batch, as torch operations.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (N, H, W, 3) uint8 RGB.
+    masks : torch.Tensor or None
+        (N, H, W) uint8 labels.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, H, W, 3) uint8 on the device of ``images``.
+    """
+    import torch
+
+    from cellbatch.normalise.torch_ops import gaussian_blur, planar, to_images
+
+    n, h, w, _ = images.shape
+    k = likelihood.k
+    dev = images.device
+    x = planar(images)  # (N, 3, P)
+    z = torch.from_numpy(likelihood.whiten).to(dev) @ x + torch.from_numpy(likelihood.offset).to(dev)
+    log_lik = -0.5 * (z * z).reshape(n, k, 3, -1).sum(dim=2) + torch.from_numpy(likelihood.log_norm).to(dev)
+    p = torch.exp(log_lik - log_lik.amax(dim=1, keepdim=True))
+    if masks is not None:
+        onehot = (masks.unsqueeze(1) == torch.arange(k, device=dev).view(1, k, 1, 1)).to(torch.float32)
+        prior = gaussian_blur(onehot, settings.prior_sigma).reshape(n, k, -1)
+        p = p * (prior * (1.0 - settings.prior_floor) + settings.prior_floor / k)
+    p = gaussian_blur((p / p.sum(dim=1, keepdim=True)).reshape(n, k, h, w), settings.smooth_sigma)
+    y = torch.from_numpy(a.reshape(3 * k, 3).astype(np.float32)).to(dev) @ x
+    y = (y + torch.from_numpy(b.reshape(3 * k, 1).astype(np.float32)).to(dev)).reshape(n, k, 3, -1)
+    out = (y * p.reshape(n, k, 1, -1)).sum(dim=1)
+    return to_images(out + 0.5, h, w)
+
+
 class HMNormaliser:
     """``--normalise hm:PROFILE.json``: per-class Monge maps blended by soft class probabilities.
 
@@ -268,6 +316,10 @@ class HMNormaliser:
             )
             out[i] = blend_affine(crops[i], p, self.a, self.b)
         return out
+
+    def apply_tensors(self, images: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """The same on a batch of (N, H, W, 3) uint8 tensors on any device (torch reference: ``__call__``)."""
+        return hm_tensors(images, masks, likelihood=self.likelihood, a=self.a, b=self.b, settings=self.settings)
 
     def provenance(self) -> dict[str, Any]:
         return {

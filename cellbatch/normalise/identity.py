@@ -16,5 +16,8 @@ class IdentityNormaliser:
     def __call__(self, crops: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
         return crops
 
+    def apply_tensors(self, images: Any, masks: Any) -> Any:
+        return images
+
     def provenance(self) -> dict[str, Any]:
         return {"name": self.name}

@@ -17,11 +17,14 @@ azure-eosin pair) and a white light, so it cannot move the background colour ind
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cellbatch.normalise.profile import read_profile
+
+if TYPE_CHECKING:
+    import torch
 
 ALPHA = 1.0  # percentile of angle that defines the stain vectors (robust extremes)
 BETA = 0.15  # OD below which a channel counts as unstained
@@ -109,6 +112,55 @@ def macenko(
     return np.clip(rgb.T + 0.5, 0, 255).astype(np.uint8).reshape(image.shape)
 
 
+def macenko_tensors(
+    images: torch.Tensor, *, stains: np.ndarray, max_concentration: np.ndarray, light: np.ndarray
+) -> torch.Tensor:
+    """:func:`macenko` for a batch of (N, H, W, 3) uint8 tensors, stains estimated per crop.
+
+    Works in float64 like the reference: stain vectors come from percentiles of angles, which float32
+    would move enough to change a grey level here and there. A crop with too few stained pixels is
+    returned unchanged, as by :func:`macenko`.
+    """
+    import torch
+
+    from cellbatch.normalise.torch_ops import masked_quantile, planar
+
+    n, h, w, _ = images.shape
+    dev, f64 = images.device, torch.float64
+    x = planar(images, f64)  # (N, 3, P)
+    brightness = x.sum(dim=1)
+    bright = brightness >= masked_quantile(brightness, None, 0.75).unsqueeze(1)
+    src_light = masked_quantile(x, bright.unsqueeze(1), 0.5)  # (N, 3): np.median of the brightest quarter
+    od = (-torch.log((x + 1) / (src_light.unsqueeze(2) + 1))).clamp(min=0)
+    stained = (od > BETA).all(dim=1)  # (N, P)
+    count = stained.sum(dim=1)
+    enough = count >= MIN_STAINED
+    weight = stained.to(f64).unsqueeze(1)
+    mean = (od * weight).sum(dim=2, keepdim=True) / count.clamp(min=1).view(n, 1, 1)
+    centred = (od - mean) * weight
+    cov = centred @ centred.transpose(1, 2) / (count - 1).clamp(min=1).view(n, 1, 1)
+    cov = torch.where(enough.view(n, 1, 1), cov, torch.eye(3, dtype=f64, device=dev))
+    plane = torch.linalg.eigh(cov).eigenvectors[:, :, 1:3]  # (N, 3, 2)
+    plane = plane * torch.where(plane.sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
+    proj = plane.transpose(1, 2) @ od  # (N, 2, P)
+    phi = torch.atan2(proj[:, 1], proj[:, 0])
+    lo = masked_quantile(phi, stained, ALPHA / 100)
+    hi = masked_quantile(phi, stained, 1 - ALPHA / 100)
+    v1 = plane @ torch.stack([torch.cos(lo), torch.sin(lo)], dim=1).unsqueeze(2)
+    v2 = plane @ torch.stack([torch.cos(hi), torch.sin(hi)], dim=1).unsqueeze(2)
+    first = v1[:, 0] > v2[:, 0]  # (N, 1)
+    he = torch.cat([torch.where(first.unsqueeze(1), v1, v2), torch.where(first.unsqueeze(1), v2, v1)], dim=2)
+    he = he / torch.linalg.vector_norm(he, dim=1, keepdim=True)
+    c = torch.linalg.pinv(torch.where(enough.view(n, 1, 1), he, torch.eye(3, 2, dtype=f64, device=dev))) @ od
+    src_max = masked_quantile(c, None, 0.99)  # (N, 2)
+    target_max = torch.from_numpy(max_concentration).to(dev, f64)
+    c = c * (target_max / src_max.clamp(min=1e-6)).unsqueeze(2)
+    target_light = torch.from_numpy(light).to(dev, f64).view(1, 3, 1)
+    rgb = (target_light + 1) * torch.exp(-(torch.from_numpy(stains).to(dev, f64) @ c)) - 1
+    out = (rgb + 0.5).clamp(0, 255).to(torch.uint8).transpose(1, 2).reshape(n, h, w, 3)
+    return torch.where(enough.view(n, 1, 1, 1), out, images)
+
+
 class MacenkoNormaliser:
     """``--normalise macenko:PROFILE.json``, profile from ``cellbatch normalise fit --method macenko``."""
 
@@ -128,6 +180,10 @@ class MacenkoNormaliser:
                 crops[i], stains=self.stains, max_concentration=self.max_concentration, light=self.light
             )
         return out
+
+    def apply_tensors(self, images: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """The same on a batch of (N, H, W, 3) uint8 tensors on any device."""
+        return macenko_tensors(images, stains=self.stains, max_concentration=self.max_concentration, light=self.light)
 
     def provenance(self) -> dict[str, Any]:
         return {"name": self.name, "arg": self.arg, "profile": self.profile.provenance()}

@@ -10,12 +10,15 @@ nucleus, even from the same slide. The profile holds only the target statistics.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from cellbatch.normalise.profile import read_profile
+
+if TYPE_CHECKING:
+    import torch
 
 # A flat channel (a blank crop) would otherwise divide by zero and blow the image up.
 MIN_STD = 1e-3
@@ -64,6 +67,22 @@ def reinhard(image: np.ndarray, *, mean: np.ndarray, std: np.ndarray) -> np.ndar
     return lab32_to_rgb(lab)
 
 
+def reinhard_tensors(images: torch.Tensor, *, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """:func:`reinhard` for a batch of (N, H, W, 3) uint8 tensors, each crop with its own statistics."""
+    import torch
+
+    from cellbatch.normalise.torch_ops import lab_to_rgb, planar, rgb_to_lab, to_images
+
+    _, h, w, _ = images.shape
+    lab = rgb_to_lab(planar(images))
+    m = lab.mean(dim=2, keepdim=True)
+    sd = lab.std(dim=2, correction=0, keepdim=True)
+    target_mean = torch.from_numpy(mean).to(lab.device, torch.float32).view(1, 3, 1)
+    target_std = torch.from_numpy(std).to(lab.device, torch.float32).view(1, 3, 1)
+    lab = (lab - m) * (target_std / sd.clamp(min=MIN_STD)) + target_mean
+    return to_images(lab_to_rgb(lab) * 255 + 0.5, h, w)
+
+
 class ReinhardNormaliser:
     """``--normalise reinhard:PROFILE.json``, profile from ``cellbatch normalise fit --method reinhard``."""
 
@@ -80,6 +99,10 @@ class ReinhardNormaliser:
         for i in range(crops.shape[0]):
             out[i] = reinhard(crops[i], mean=self.mean, std=self.std)
         return out
+
+    def apply_tensors(self, images: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """The same on a batch of (N, H, W, 3) uint8 tensors on any device."""
+        return reinhard_tensors(images, mean=self.mean, std=self.std)
 
     def provenance(self) -> dict[str, Any]:
         return {"name": self.name, "arg": self.arg, "profile": self.profile.provenance()}

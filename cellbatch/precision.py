@@ -1,0 +1,120 @@
+"""Numeric precision and memory layout of the networks a run executes (``--precision``).
+
+``fp32`` is the reference. ``bf16`` keeps fp32's range with an 8-bit mantissa: a generated crop moves
+by well under one grey level on average (figures in README, "Measured") and a classifier's decisions
+hardly at all, while matrix units (CUDA tensor cores, x86 AMX / AVX512-BF16) run it several times
+faster. ``fp16`` has more mantissa but a range that a network trained in fp32 can overflow; it is
+offered for GPUs without bf16. ``auto`` picks bf16 where the hardware runs it natively and fp32
+elsewhere, where emulated bf16 would be slower than fp32.
+
+A model file is a frozen TorchScript graph: its weights are graph constants, not parameters, so
+``module.to(dtype)`` and autocast leave them in fp32. :func:`prepare_module` therefore casts the
+constants in the graph itself, and the caller casts the input to match.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+from cellbatch.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AMX-BF16 or AVX512-BF16 (the oneDNN kernels torch uses for bf16 convolutions)."""
+    import torch
+
+    if "AMX" in torch.backends.cpu.get_cpu_capability().upper():
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16, else ``fp32``; checks the name."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        if precision == "fp16" and device == "cpu":
+            raise ConfigError("--precision fp16 runs only on CUDA (CPU kernels emulate it slowly): use bf16 or fp32")
+        return precision
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a resolved precision (``fp32``, ``bf16`` or ``fp16``)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def prepare_module(module: Any, *, precision: str, device: str) -> tuple[Any, str]:
+    """A loaded model with its weights cast to ``precision`` in channels_last layout, and the precision
+    it will run at.
+
+    Casts parameters and buffers (scripted modules) and the tensor constants of every graph (frozen
+    modules, where the weights live), in a copy: a module that has already run (the model file's
+    self-test, :mod:`cellbatch.selftest`) keeps the execution plan it compiled with its fp32
+    constants. On CUDA it also turns on cuDNN autotuning: a run feeds thousands of batches of one
+    shape, so the search pays for itself in the first few. A model in another runtime (an ONNX file,
+    :mod:`cellbatch.onnxfile`) is left as it is and runs in fp32.
+    """
+    import io
+
+    import torch
+
+    if not isinstance(module, torch.nn.Module):  # ScriptModules are nn.Modules too
+        return module, "fp32"
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    if precision == "fp32":
+        return module, precision
+    dtype = torch_dtype(precision)
+    if isinstance(module, torch.jit.ScriptModule):
+        buffer = io.BytesIO()
+        torch.jit.save(module, buffer)
+        buffer.seek(0)
+        module = torch.jit.load(buffer, map_location=device)
+    module.to(dtype)
+    for sub in module.modules():
+        graph = getattr(sub, "graph", None)
+        if graph is None:
+            continue
+        for node in graph.nodes():
+            if node.kind() == "prim::Constant" and node.hasAttribute("value") and node.kindOf("value") == "t":
+                node.t_("value", _cast_constant(node.t("value"), dtype))
+    return module, precision
+
+
+def _cast_constant(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    import torch
+
+    if t.is_floating_point():
+        t = t.to(dtype)
+        if t.dim() == 4:  # convolution weights: the layout oneDNN and cuDNN run fastest
+            t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def network_input(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """Cast an (N, C, H, W) float input to ``precision`` in channels_last layout."""
+    import torch
+
+    return x.to(torch_dtype(precision)).contiguous(memory_format=torch.channels_last)
