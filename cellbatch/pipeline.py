@@ -407,11 +407,12 @@ class Stages:
             if len(crops) == 1:
                 raise ModelError(f"one crop does not fit in the memory of {self.device}: use --device cpu, "
                                  "or a smaller model") from exc
-            self._release_memory()
-            self.max_batch = len(crops) // 2
-            self.notes.append(f"out of memory on {self.device} with a batch of {len(crops)} crops: "
-                              f"halved to {self.max_batch} and retried (no cell lost)")
-            return self.submit(crops, masks)
+        # retried outside the except block: the failed attempt's tensors go with its traceback
+        self._release_memory()
+        self.max_batch = len(crops) // 2
+        self.notes.append(f"out of memory on {self.device} with a batch of {len(crops)} crops: "
+                          f"halved to {self.max_batch} and retried (no cell lost)")
+        return self.submit(crops, masks)
 
     def _submit(self, crops: np.ndarray, masks: np.ndarray) -> InFlight:
         if self._transfer is None:
@@ -441,9 +442,9 @@ class Stages:
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
-                self._release_memory()
                 break
             fits, n = n, 2 * n
+        self._release_memory()
         if fits == 0:
             raise ModelError(f"one crop does not fit in the memory of {self.device}: use --device cpu, "
                              "or a smaller model")
