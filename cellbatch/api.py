@@ -110,7 +110,7 @@ def convert(
     if batch_size == "auto":
         report.notes.append(f"--batch-size auto: {settings.batch_size} crops per batch on {resolved}")
     if stages.generator is not None:
-        report.generation = f"{model} on {resolved} at {settings.precision}"
+        report.generation = f"{model} on {resolved} at {stages.generator.provenance()['precision']}"
         if stages.generator.provenance()["metadata"].get("trained") is False:
             report.notes.append(f"model {model} is UNTRAINED (exported with --untrained): "
                                 "its output is not a conversion")
