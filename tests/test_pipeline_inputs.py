@@ -213,22 +213,24 @@ class _LostClient:
 def test_lost_generator_worker_fails_its_slide_and_the_run_goes_on(tmp_path, monkeypatch):
     from cellbatch.errors import WorkerLostError
     from cellbatch.generate import ClusterGenerator, Generator
+    from cellbatch.stages import Transfer
     from tests.models import Identity, save_generator
 
     model = Generator.load(save_generator(Identity(), tmp_path / "id.pt"), device="cpu")
     with pytest.raises(WorkerLostError, match="KilledWorker"):
-        ClusterGenerator(model, _LostClient(), device="cpu")(np.zeros((1, 256, 256, 3), np.uint8))
+        batch = Transfer("cpu").upload(np.zeros((1, 256, 256, 3), np.uint8), np.zeros((1, 256, 256), np.uint8))
+        ClusterGenerator(model, _LostClient(), device="cpu")(batch)
 
     write_slides(tmp_path / "in", slides={"a": 2, "b": 2})
     calls = []
 
-    def lost_on_second_slide(crops):
-        calls.append(len(crops))
+    def lost_on_second_slide(batch):
+        calls.append(len(batch))
         if len(calls) > 1:
             raise WorkerLostError("the generator task failed on the cluster: KilledWorker: ...")
-        return crops
+        return batch.with_output(batch.image, "generated")
 
-    monkeypatch.setattr(Generator, "__call__", lambda self, crops: lost_on_second_slide(crops))
+    monkeypatch.setattr(Generator, "__call__", lambda self, batch: lost_on_second_slide(batch))
     report = convert([tmp_path / "in"], tmp_path / "out", model=tmp_path / "id.pt", **TOY)
     assert statuses(report) == {"a": "done", "b": "failed"}
     saved = json.loads((tmp_path / "out" / "run.json").read_text())
