@@ -10,7 +10,8 @@ Examples
 from __future__ import annotations
 
 import logging
-import sys
+import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -18,18 +19,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cellbatch import __version__
-from cellbatch.errors import ConfigError, InputNotFoundError
+from cellbatch.crop import CROP_SIZE
+from cellbatch.errors import ConfigError, InputNotFoundError, Interrupted, UnavailableError
 from cellbatch.extract import ExtractSettings
-from cellbatch.pipeline import RunReport, RunSettings, Stages, base_provenance, run_slides
+from cellbatch.pipeline import RunSettings, Stages, base_provenance, run_slides
 from cellbatch.provenance import utc_now
+from cellbatch.runstate import FINISHED, INTERRUPTED, RunReport
 from cellbatch.shard import SharedRunReport, SlideClaims
 
 if TYPE_CHECKING:
     from cellbatch.check.agreement import AgreementCheck
 
+MIN_CROP_SIZE = 32  # smaller than this no white cell at any sensible --cell-diameter fits
+
 
 def convert(
-    sources: Sequence[str | Path],
+    sources: str | Path | Sequence[str | Path],
     out: str | Path,
     *,
     model: str | Path | None = None,
@@ -39,6 +44,7 @@ def convert(
     batch_size: int | str = 16,
     cell_diameter: float = 110.0,
     detector: str = "threshold",
+    crop_size: int = CROP_SIZE,
     drop_edge: bool = False,
     normalise: Sequence[str] = (),
     classifier: str | Path | None = None,
@@ -46,6 +52,7 @@ def convert(
     reference: str | Path | None = None,
     min_agreement: float | None = None,
     min_confidence: float = 0.0,
+    max_unsure: float = 0.5,
     scheduler: str | None = None,
     workers: int | None = None,
     processes: int = 0,
@@ -80,12 +87,14 @@ def convert(
     from cellbatch.safepath import check_out_apart, check_writable, output_errors
     from cellbatch.write import clear_staging
 
-    source_paths = [Path(s) for s in sources]
+    # One folder given as a string is one source, not a sequence of one-letter paths.
+    source_paths = [Path(sources)] if isinstance(sources, str | os.PathLike) else [Path(s) for s in sources]
+    check_options(detector=detector, cell_diameter=cell_diameter, crop_size=crop_size, model=model,
+                  model_sha256=model_sha256, classifier=classifier, classes=classes, reference=reference,
+                  min_agreement=min_agreement)
     for src in source_paths:
         if not src.exists():
             raise InputNotFoundError(f"input {src} does not exist: pass a folder of captures or a Zarr store")
-    if (reference is not None or min_agreement is not None or classes) and classifier is None:
-        raise ConfigError("--reference, --min-agreement and --classes need --classifier CLF.pt")
     out = Path(out)
     check_out_apart(source_paths, out)
     if scheduler:
@@ -94,21 +103,27 @@ def convert(
     budget = thread_budget(threads, device=resolved, remote=bool(scheduler), workers=workers)
     apply_budget(budget)
     settings = RunSettings(
-        extract=ExtractSettings(detector=detector, cell_diameter=cell_diameter, drop_edge=drop_edge),
+        extract=ExtractSettings(detector=detector, cell_diameter=cell_diameter, crop_size=crop_size,
+                                drop_edge=drop_edge),
         batch_size=1 if batch_size == "auto" else int(batch_size), device=resolved,
         precision=resolve_precision(precision, resolved), normalise=tuple(s for s in normalise if s != "none"),
         force=force, scheduler=scheduler, workers=budget.dask_workers, processes=processes, threads=budget.cores,
     )
     stages = load_stages(settings, model=model, model_sha256=model_sha256, classifier=classifier, classes=classes,
-                         reference=reference, min_agreement=min_agreement, min_confidence=min_confidence)
+                         reference=reference, min_agreement=min_agreement, min_confidence=min_confidence,
+                         max_unsure=max_unsure)
     if batch_size == "auto":
         chosen = resolve_batch_size("auto", stages, crop_size=settings.extract.crop_size)
         settings = replace(settings, batch_size=chosen)
     check_writable(out)
     report_type = RunReport if shard is None else SharedRunReport
-    report = report_type(out=out, command=command or list(sys.argv), started=utc_now(), min_agreement=min_agreement)
+    report = report_type(out=out, command=list(command or []), started=utc_now(), min_agreement=min_agreement)
     if batch_size == "auto":
         report.notes.append(f"--batch-size auto: {settings.batch_size} crops per batch on {resolved}")
+    if stages.check is not None and stages.generator is None and not stages.normalisers and reference is None:
+        report.notes.append("--classifier without --model, --normalise or --reference compares each input crop "
+                            "with itself: agreement is 100% by construction")
+        on_warning(report.notes[-1])
     if stages.generator is not None:
         report.generation = f"{model} on {resolved} at {stages.generator.provenance()['precision']}"
         if stages.generator.provenance()["metadata"].get("trained") is False:
@@ -126,22 +141,32 @@ def convert(
         if shard is None:  # a shard leaves it alone: other shards' slides are being written there
             with output_errors(out, doing="prepare the staging folder in"):
                 clear_staging(out)
-        provenance = base_provenance(settings, stages, source_paths, out, resolved)
-        provenance["command"] = report.command
+        provenance = base_provenance(settings, stages, source_paths, out, resolved, command=report.command)
         provenance["options"] = run_options
         key_extra = {
             "model_sha256": stages.generator.provenance()["sha256"] if stages.generator is not None else None,
             "classifier_sha256": stages.check.provenance()["sha256"] if stages.check is not None else None,
             "normalisers": provenance["normalisation"],
+            "check": None if stages.check is None else {
+                "reference": str(Path(reference).resolve()) if reference is not None else None,
+                "min_agreement": min_agreement,
+                "min_confidence": min_confidence,
+                "max_unsure": max_unsure,
+            },
         }
         times = SlideTimes(report.slides)
-        run_slides(source_paths, out, settings=settings, stages=stages, client=client, provenance_base=provenance,
-                   key_extra=key_extra, report=report, on_progress=times.wrap(on_progress), on_plan=on_plan,
-                   claims=claims)
+        try:
+            run_slides(source_paths, out, settings=settings, stages=stages, client=client,
+                       provenance_base=provenance, key_extra=key_extra, report=report,
+                       on_progress=times.wrap(on_progress), on_plan=on_plan, on_warning=on_warning, claims=claims)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM turned into one by the CLI: say where OUT stands
+            times.flush()
+            report.finish(INTERRUPTED, utc_now())
+            raise Interrupted(report.interrupt_message(), signum=getattr(exc, "signum", signal.SIGINT),
+                              summary=report.to_dict()) from None
         times.flush()
         report.notes.extend(stages.notes)
-        report.finished = utc_now()
-        report.save()
+        report.finish(FINISHED, utc_now())
         write_crate(out, report, source_paths)
         log_summary(log, report.to_dict())
     return report
@@ -182,6 +207,40 @@ def shard_claims(out: Path, shard: tuple[int, int] | None) -> Iterator[SlideClai
         yield claims
 
 
+def check_options(
+    *,
+    detector: str,
+    cell_diameter: float,
+    crop_size: int,
+    model: str | Path | None,
+    model_sha256: str | None,
+    classifier: str | Path | None,
+    classes: Sequence[str] | None,
+    reference: str | Path | None,
+    min_agreement: float | None,
+) -> None:
+    """Check what the command line alone decides, before anything is loaded or read.
+
+    Raises :class:`~cellbatch.errors.ConfigError` (exit 2) for options that need each other, a crop the
+    classifier cannot take, or an unknown detector; the normalisers are checked as they are built, before
+    the model loads.
+    """
+    from cellbatch.extract import get_detector
+
+    if (reference is not None or min_agreement is not None or classes) and classifier is None:
+        raise ConfigError("--reference, --min-agreement and --classes need --classifier CLF.pt")
+    if model_sha256 and model is None:
+        raise ConfigError("--model-sha256 needs --model")
+    if crop_size < MIN_CROP_SIZE:
+        raise ConfigError(f"--crop-size {crop_size}: use at least {MIN_CROP_SIZE} px")
+    if classifier is not None and crop_size < CROP_SIZE:
+        raise ConfigError(
+            f"--crop-size {crop_size} with --classifier: the classifier takes {CROP_SIZE}x{CROP_SIZE} crops "
+            f"(larger crops are checked on their centre); use --crop-size {CROP_SIZE} or more"
+        )
+    get_detector(detector, cell_diameter)  # an unknown detector is a bad command line, not N failed captures
+
+
 # --batch-size auto on CPU: the generator's CPU time per crop still falls from 16 to 32 crops (by a
 # fifth for the thesis-size one, docs/devices.md); past that, a batch only adds memory and latency.
 CPU_AUTO_BATCH = 32
@@ -217,6 +276,7 @@ def load_stages(
     reference: str | Path | None,
     min_agreement: float | None,
     min_confidence: float,
+    max_unsure: float,
 ) -> Stages:
     """Load the generator, normalisers and check eagerly, so a bad one stops the run before any work."""
     from cellbatch.generate import Generator
@@ -225,17 +285,20 @@ def load_stages(
     from cellbatch.stages import NormaliserStage
 
     stages = Stages(device=settings.device)
+    for spec in settings.normalise:  # first: a bad name or option is a bad command line (exit 2)
+        name, arg = parse_spec(spec)
+        stages.normalisers.append(NormaliserStage(normalisers.get(name)(arg), device=settings.device))
     if model is not None:
         stages.generator = Generator.load(model, device=settings.device, precision=settings.precision,
                                           expected_sha256=model_sha256)
-    elif model_sha256:
-        raise ConfigError("--model-sha256 needs --model")
-    for spec in settings.normalise:
-        name, arg = parse_spec(spec)
-        stages.normalisers.append(NormaliserStage(normalisers.get(name)(arg), device=settings.device))
+    first = stages.normalisers[0].normaliser if stages.normalisers else None
+    if (profile := getattr(first, "profile", None)) is not None:
+        # the first normaliser sees the generator's output (or the raw crops): is its profile fitted for it?
+        sha = stages.generator.provenance()["sha256"] if stages.generator is not None else None
+        profile.check_use(model_sha256=sha, model=None if model is None else str(model))
     if classifier is not None:
         stages.check = load_check(settings, classifier=classifier, classes=classes, reference=reference,
-                                  min_agreement=min_agreement, min_confidence=min_confidence)
+                                  min_agreement=min_agreement, min_confidence=min_confidence, max_unsure=max_unsure)
     return stages
 
 
@@ -247,6 +310,7 @@ def load_check(
     reference: str | Path | None,
     min_agreement: float | None,
     min_confidence: float,
+    max_unsure: float,
 ) -> AgreementCheck:
     from cellbatch.check.agreement import AgreementCheck, CheckSettings, load_classifier
     from cellbatch.check.reference import ReferenceSource
@@ -260,7 +324,7 @@ def load_check(
                               cell_diameter=settings.extract.cell_diameter)
     return AgreementCheck(
         clf,
-        settings=CheckSettings(min_confidence=min_confidence, min_agreement=min_agreement,
+        settings=CheckSettings(min_confidence=min_confidence, min_agreement=min_agreement, max_unsure=max_unsure,
                                batch_size=settings.batch_size),
         reference=ref,
         device=settings.device,
@@ -289,11 +353,12 @@ def dask_client(scheduler: str | None, workers: int | None, *, processes: int = 
         try:
             client = Client(scheduler, timeout=timeout)
         except (OSError, TimeoutError) as exc:
-            raise ConfigError(
+            raise UnavailableError(
                 f"no Dask scheduler answers at {scheduler}: start one or drop --scheduler ({exc})"
             ) from exc
         try:
-            yield client
+            with _quiet_when_interrupted():
+                yield client
         finally:
             client.close()
         return
@@ -304,5 +369,19 @@ def dask_client(scheduler: str | None, workers: int | None, *, processes: int = 
                         "processes": False}
     # Port 0: the scheduler's HTTP endpoint takes any free port, so concurrent runs never collide.
     with LocalCluster(**cluster_args, dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
-            Client(cluster) as client:
+            Client(cluster) as client, _quiet_when_interrupted():
         yield client
+
+
+@contextmanager
+def _quiet_when_interrupted() -> Iterator[None]:
+    """After Ctrl-C or SIGTERM, keep asyncio quiet while the client closes.
+
+    A gather cut short leaves tasks whose "exception was never retrieved" tracebacks would otherwise
+    bury the one line that says where OUT stands.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        raise

@@ -1,4 +1,4 @@
-"""Cut 256x256 windows centred on each cell.
+"""Cut square windows (256x256 unless ``--crop-size`` says otherwise) centred on each cell.
 
 A window may extend past the capture border (cells near the edge are kept); the part outside is
 padded with the capture's background colour (the median of the pixels labelled background), and
@@ -11,8 +11,12 @@ import numpy as np
 
 from cellbatch.detect.base import BACKGROUND
 
+# The crop side in pixels: a run's default (``--crop-size``), the pairs cut for training, a model
+# export's trace input, and the classifier contract's input (DESIGN.md). Defined here only.
+CROP_SIZE = 256
 
-def crop_window_origin(cx: float, cy: float, *, size: int = 256) -> tuple[int, int, int, int]:
+
+def crop_window_origin(cx: float, cy: float, *, size: int = CROP_SIZE) -> tuple[int, int, int, int]:
     """The window ``(x0, y0, x1, y1)`` in capture pixels, centred on ``(cx, cy)``; ``x1``/``y1`` exclusive."""
     x0 = int(round(cx)) - size // 2
     y0 = int(round(cy)) - size // 2

@@ -12,7 +12,7 @@ class ExitCode:
     """Process exit codes (contract: documented in the README)."""
 
     OK = 0
-    USAGE = 2  # click's own code for a bad option or argument
+    USAGE = 2  # a bad command line: click's own code for a bad option, and ConfigError's
     COULD_NOT_RUN = 3  # bad model, unusable output folder, locked output, ...
     INPUTS_FAILED = 4  # the run finished, some captures or slides failed
     QC_FAILED = 5  # the run finished, some slides are below --min-agreement
@@ -59,7 +59,10 @@ class ClusterLostError(CellbatchError, ConnectionError):
 
 
 class ConfigError(CellbatchError, ValueError):
-    """Options that contradict each other or name an unknown plugin."""
+    """A bad command line found after parsing: options that contradict each other, a bad option value, an
+    unknown plugin name. Checked before any capture is read; the CLI shows the command's usage line."""
+
+    exit_code = ExitCode.USAGE
 
 
 class UsageError(CellbatchError, ValueError):
@@ -73,3 +76,26 @@ class UsageError(CellbatchError, ValueError):
 
 class TorchScriptDeprecated(UserWarning):
     """Not an error: said once per process when torch warns that TorchScript (torch.jit) is deprecated."""
+
+
+class UnavailableError(CellbatchError, RuntimeError):
+    """Something a valid command needs is not there: a CUDA device, a Dask scheduler, a plugin's code."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by Ctrl-C (SIGINT) or SIGTERM.
+
+    A ``KeyboardInterrupt``, so code that cleans up on Ctrl-C cleans up on SIGTERM too. ``message`` says
+    what was committed and how to resume, ``summary`` is the run's ``run.json`` when the run had begun;
+    the exit code is the shell's 128 + signal number.
+    """
+
+    def __init__(self, message: str = "interrupted", *, signum: int = 2, summary: dict | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.signum = signum
+        self.summary = summary
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

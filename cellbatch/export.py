@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from cellbatch.crop import CROP_SIZE
 from cellbatch.errors import InputNotFoundError, ModelError
 from cellbatch.modelfile import ONNX_SUFFIX, load_model, save_model, torchscript_calls
 from cellbatch.models.generator import TILE_MULTIPLE, UNetGenerator, count_parameters
@@ -26,7 +27,7 @@ from cellbatch.train.checkpoint import (
     read_json,
 )
 
-TRACE_SIZE = 256
+TRACE_SIZE = CROP_SIZE
 CHECK_SIZES = (128, 384)
 # Freezing folds batch norm into the convolutions, which reorders float32 sums; anything past this
 # is a wrong graph, not rounding.

@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cellbatch.crop import background_colour, crop_window
-from cellbatch.detect.base import DetectSettings
+from cellbatch.crop import CROP_SIZE, background_colour, crop_window
 from cellbatch.errors import CellbatchError
 from cellbatch.read import (
     Capture,
@@ -38,7 +37,7 @@ class ExtractSettings:
 
     detector: str = "threshold"
     cell_diameter: float = 110.0
-    crop_size: int = 256
+    crop_size: int = CROP_SIZE
     drop_edge: bool = False
 
 
@@ -56,7 +55,8 @@ class CaptureRef:
 def capture_refs(slide: Slide) -> list[CaptureRef]:
     """One reference per capture of a (validated) slide, in order."""
     if slide.kind == "zarr":
-        source, store = slide.array_path or ".", str(slide.store)
+        # a store that is one array names its frames after itself, not "."
+        source, store = slide.array_path or Path(slide.store).name, str(slide.store)
         return [CaptureRef(source, f, store, slide.array_path, slide.axes) for f in range(slide_frame_count(slide))]
     return [CaptureRef(p.relative_to(slide.root).as_posix(), 0, str(p)) for p in slide.captures]
 
@@ -78,9 +78,9 @@ class CaptureResult:
 @functools.lru_cache(maxsize=8)
 def get_detector(name: str, cell_diameter: float) -> Any:
     """One detector per process and setting (Dask workers reuse it across tasks)."""
-    from cellbatch.registry import detectors
+    from cellbatch.registry import make_detector
 
-    return detectors.get(name)(DetectSettings(cell_diameter=cell_diameter))
+    return make_detector(name, cell_diameter=cell_diameter)
 
 
 @dataclass

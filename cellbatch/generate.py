@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cellbatch.errors import CellbatchError, ConfigError, ModelError, WorkerLostError
+from cellbatch.errors import CellbatchError, ConfigError, ModelError, UnavailableError, WorkerLostError
 from cellbatch.modelfile import ModelFile, load_model
 
 if TYPE_CHECKING:
@@ -28,10 +28,10 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+            raise UnavailableError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise ConfigError(
+            raise UnavailableError(
                 f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here; pick cuda:0.."
             )
     elif device != "cpu":

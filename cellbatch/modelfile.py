@@ -92,7 +92,7 @@ class ModelFile:
 
     def provenance(self) -> dict[str, Any]:
         return {
-            "path": str(self.path),
+            "path": str(Path(self.path).resolve()),
             "sha256": self.sha256,
             "format": self.format,
             "runtime": self.runtime,

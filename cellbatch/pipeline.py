@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
-import sys
-import time
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -36,9 +35,10 @@ from cellbatch.read import (
     slide_frame_count,
     validate_slide,
 )
+from cellbatch.runstate import RunReport, SlideReport, read_provenance
 from cellbatch.safepath import output_clashes, output_dir_for, output_errors
 from cellbatch.stages import Download, Stage, Transfer, is_out_of_memory, run_stages
-from cellbatch.write import CELL_COLUMNS, CHECK_COLUMNS, SlideWriter, write_json_atomic
+from cellbatch.write import CELL_COLUMNS, CHECK_COLUMNS, SlideWriter
 
 if TYPE_CHECKING:
     from cellbatch.check.agreement import AgreementCheck
@@ -80,90 +80,11 @@ class SlidePlan:
     fingerprint: str | None = None  # stat digest of the slide's files, taken before any is decoded
     action: str = "run"  # run | skip | fail
     reason: str = ""
+    committed: dict[str, Any] | None = None  # the provenance of the output a skip keeps
 
     def chunks(self, size: int) -> list[list[CaptureRef]]:
         todo = [r for r, i in zip(self.refs, self.inputs, strict=True) if "error" not in i]
         return [todo[i : i + size] for i in range(0, len(todo), size)]
-
-
-@dataclass
-class SlideReport:
-    name: str
-    status: str  # done | failed | skipped | qc_failed
-    captures: int = 0
-    failed_captures: int = 0
-    cells: int = 0
-    reason: str = ""
-    output: str = ""
-    check: dict[str, Any] | None = None
-
-
-@dataclass
-class RunReport:
-    """What ``run.json`` and ``--json`` say about a run."""
-
-    out: Path
-    command: list[str]
-    started: str
-    slides: list[SlideReport] = field(default_factory=list)
-    failures: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    generation: str = "skipped (no --model)"
-    finished: str | None = None
-    min_agreement: float | None = None
-    _saved_at: float = field(default=0.0, repr=False)
-
-    @property
-    def exit_code(self) -> int:
-        if any(s.status == "failed" or s.failed_captures for s in self.slides):
-            return ExitCode.INPUTS_FAILED
-        if any(s.status == "qc_failed" for s in self.slides):
-            return ExitCode.QC_FAILED
-        return ExitCode.OK
-
-    def to_dict(self) -> dict[str, Any]:
-        counts: dict[str, int] = {}
-        for s in self.slides:
-            counts[s.status] = counts.get(s.status, 0) + 1
-        return {
-            "cellbatch_version": __version__,
-            "command": self.command,
-            "out": str(self.out),
-            "started": self.started,
-            "finished": self.finished,
-            "exit_code": int(self.exit_code),
-            "generation": self.generation,
-            "slides_by_status": counts,
-            "captures": sum(s.captures for s in self.slides),
-            "failed_captures": sum(s.failed_captures for s in self.slides),
-            "cells": sum(s.cells for s in self.slides),
-            "notes": self.notes,
-            "slides": [asdict(s) for s in self.slides],
-            "failures": self.failures,
-            "check": self.check_summary(),
-        }
-
-    def check_summary(self) -> dict[str, Any] | None:
-        """Run-level agreement over the checked slides (``None`` without ``--classifier``)."""
-        checked = {s.name: s.check for s in self.slides if s.check}
-        if not checked:
-            return None
-        from cellbatch.check.agreement import summarise_run
-
-        return summarise_run(checked, min_agreement=self.min_agreement)
-
-    def save(self, *, every: float = 0.0) -> None:
-        """Write ``run.json``; with ``every``, only if the last write is that many seconds old.
-
-        Rewriting it after each of thousands of slides would cost quadratic time, yet a killed run
-        should leave a recent one behind.
-        """
-        now = time.monotonic()
-        if every and now - self._saved_at < every:
-            return
-        with output_errors(self.out / "run.json", doing="write"):
-            write_json_atomic(self.out / "run.json", self.to_dict())
-        self._saved_at = now
 
 
 def slide_names(sources: list[Path], *, exclude: tuple[Path, ...] = ()) -> Iterator[tuple[Slide, str]]:
@@ -236,7 +157,8 @@ def plan_slide(
     _fail_absent_frames(plan, absent)
     if not settings.force:
         plan.key = _key_if_unchanged(plan, hash_map or _hash_here)
-        if plan.key and _output_is_current(plan):
+        plan.committed = _current_output(plan) if plan.key else None
+        if plan.committed is not None:
             plan.action = "skip"
     return plan
 
@@ -313,16 +235,15 @@ def dask_hash_map(client: Any) -> HashMap:
     return hash_map
 
 
-def _output_is_current(plan: SlidePlan) -> bool:
-    prov = plan.out_dir / "provenance.json"
-    if not (prov.is_file() and (plan.out_dir / "cells.csv").is_file() and (plan.out_dir / "cells.zarr").is_dir()):
-        return False
-    try:
-        recorded = json.loads(prov.read_text())
-    except (OSError, ValueError):
-        return False
-    # the slide name too: the folder must hold this slide's results, not another's with the same inputs
-    return isinstance(recorded, dict) and recorded.get("content_key") == plan.key and recorded.get("slide") == plan.name
+def _current_output(plan: SlidePlan) -> dict[str, Any] | None:
+    """The provenance of the slide's committed output when it is complete, its key is this plan's, and
+    it is this slide's (not another's with the same inputs)."""
+    if not ((plan.out_dir / "cells.csv").is_file() and (plan.out_dir / "cells.zarr").is_dir()):
+        return None
+    provenance = read_provenance(plan.out_dir)
+    if provenance is None or provenance.get("content_key") != plan.key or provenance.get("slide") != plan.name:
+        return None
+    return provenance
 
 
 def schedule(
@@ -504,6 +425,7 @@ class SlideRun:
         self.writer = SlideWriter(plan.out_dir, out_root=out, arrays=stages.arrays(size), columns=stages.columns())
         self.check_state = stages.check.start_slide(plan.name) if stages.check is not None else None
         self.cells_per_input: dict[tuple[str, int], int] = {}
+        self.areas: list[int] = []  # each cell's area, to compare with --cell-diameter
         self._inputs = {(entry["source"], entry["frame"]): entry for entry in plan.inputs}
         self.notes: dict[tuple[str, int], list[str]] = {}
         self._rows: list[dict[str, Any]] = []
@@ -524,6 +446,7 @@ class SlideRun:
             if r.notes:
                 self.notes[key] = r.notes
             self._rows.extend(r.rows)
+            self.areas.extend(row["area_px"] for row in r.rows)
             self._crops.extend(r.crops)
             self._masks.extend(r.masks)
             cells += len(r.rows)
@@ -603,6 +526,7 @@ def run_slides(
     report: RunReport,
     on_progress: Callable[[int, int, int], None] = lambda captures, cells, slides: None,
     on_plan: Callable[[int, int], None] = lambda captures, slides: None,
+    on_warning: Callable[[str], None] = lambda message: None,
     claims: Any = None,
 ) -> RunReport:
     """Process every slide of ``sources`` into ``out``; every slide ends done, skipped or failed.
@@ -616,6 +540,8 @@ def run_slides(
     everything = list(slide_names(sources, exclude=(out,)))
     clashes = output_clashes(out, [n for _, n in everything], [_input_label(s) for s, _ in everything])
     listed = [(i, s, n) for i, (s, n) in enumerate(everything) if claims is None or claims.selects(n)]
+    report.listed = [n for _, _, n in listed]
+    report.save()  # state "running", every slide pending: what a killed run leaves at the least
     on_plan(sum(_capture_count(s) for _, s, _ in listed), len(listed))
     plans = (
         SlidePlan(slide=s, name=n, action="fail", reason=clashes[i]) if i in clashes
@@ -644,6 +570,11 @@ def run_slides(
                             raise InputFormatError(
                                 f"every capture of slide {plan.name} failed; see failures in run.json")
                         report.slides.append(current.commit(provenance_base))
+                        note = cell_size_note(plan.name, current.areas, settings.extract.cell_diameter,
+                                              captures=len(plan.refs) - len(plan.failures))
+                        if note is not None:
+                            report.notes.append(note)
+                            on_warning(note)
                         on_progress(0, 0, 1)
                         report.failures.extend({"slide": plan.name, **f} for f in plan.failures)
                         current = None
@@ -683,6 +614,34 @@ def _input_label(slide: Slide) -> str:
     if slide.kind == "zarr" and slide.array_path:
         return display_path(f"{slide.store}/{slide.array_path}")
     return display_path(slide.root if slide.name == "." else slide.root / slide.name)
+# A slide's median cell diameter (from its area) this many times off --cell-diameter is warned about.
+# Measured at 110 px: BCCD fields (cells 150-250 px, split at 110) 153 px; synthetic captures 114; PBC
+# lymphocytes 99, neutrophils and eosinophils 137, monocytes 153 (a slide of monocytes only is warned
+# about; a mixed slide is not). See docs/run-state.md.
+SIZE_TOLERANCE = 1.3
+SIZE_MIN_CELLS = 5  # fewer cells say too little about a slide's cell size
+
+
+def cell_size_note(name: str, areas: list[int], cell_diameter: float, *, captures: int) -> str | None:
+    """A warning when a slide's median detected cell area is far from a disc of ``--cell-diameter``, or
+    when its ``captures`` (read without failure) gave no cell at all.
+
+    Every detector threshold scales with the diameter: set far off, cells are split into pieces,
+    merged with neighbours, dropped as too small or large, or overflow the crop, all without a failure.
+    """
+    if not areas and captures >= SIZE_MIN_CELLS:
+        return (f"slide {name}: no cell found in {captures} captures: is --cell-diameter {cell_diameter:g} "
+                "near the white cells' size in pixels?")
+    if len(areas) < SIZE_MIN_CELLS:
+        return None
+    measured = 2 * float(np.sqrt(np.median(areas) / np.pi))
+    if 1 / SIZE_TOLERANCE <= measured / cell_diameter <= SIZE_TOLERANCE:
+        return None
+    return (
+        f"slide {name}: the detected cells are {measured:.0f} px across (median) but --cell-diameter is "
+        f"{cell_diameter:g}: rerun with --cell-diameter {measured:.0f} (and a --crop-size that fits) "
+        "or cells are split, merged or cut off"
+    )
 
 
 def _claim_and_plan(slide: Slide, name: str, out: Path, settings: RunSettings, key_extra: dict[str, Any],
@@ -713,10 +672,15 @@ def _finish_without_run(
 ) -> None:
     on_progress(len(plan.refs), 0, 1)
     if plan.action == "skip":
-        report.slides.append(SlideReport(
-            name=plan.name, status="skipped", captures=len(plan.refs), output=str(plan.out_dir or ""),
-            reason=plan.reason or "output complete and inputs, model and settings unchanged (use --force to redo)",
-        ))
+        if plan.committed is not None:  # its committed output, as it stands
+            entry, failures = SlideReport.skipped(plan.name, plan.out_dir, plan.committed)
+            report.slides.append(entry)
+            report.failures.extend({"slide": plan.name, **f} for f in failures)
+        else:  # another live run holds it
+            report.slides.append(SlideReport(
+                name=plan.name, status="skipped", captures=len(plan.refs), output=str(plan.out_dir or ""),
+                reason=plan.reason,
+            ))
     else:
         report.slides.append(SlideReport(name=plan.name, status="failed", reason=plan.reason, captures=len(plan.refs)))
         report.failures.append({"slide": plan.name, "path": plan.name, "reason": plan.reason})
@@ -743,7 +707,7 @@ def _worker_threads(client: Any) -> int:
 
 
 def base_provenance(
-    settings: RunSettings, stages: Stages, sources: list[Path], out: Path, device: str
+    settings: RunSettings, stages: Stages, sources: list[Path], out: Path, device: str, *, command: list[str]
 ) -> dict[str, Any]:
     """The part of every slide's provenance that is the same for the whole run."""
     model = stages.generator.provenance() if stages.generator is not None else None
@@ -751,13 +715,15 @@ def base_provenance(
         model["trained"] = model["metadata"].get("trained")
     return {
         "cellbatch_version": __version__,
-        "command": list(sys.argv),
+        "command": list(command),
         "parameters": {
             **asdict(settings),
-            "sources": [str(s) for s in sources],
-            "out": str(out),
+            # resolved: a relative path as typed means nothing once the working directory is gone
+            "sources": [str(s.resolve()) for s in sources],
+            "out": str(out.resolve()),
             "device": device,
         },
+        "cwd": os.getcwd(),
         "environment": environment(device),
         "model": model,
         "classifier": stages.check.provenance() if stages.check is not None else None,

@@ -50,8 +50,13 @@ def content_key(
     model_sha256: str | None,
     classifier_sha256: str | None,
     normalisers: list[dict[str, Any]],
+    check: dict[str, Any] | None = None,
 ) -> str:
-    """sha256 over what decides a slide's output; independent of paths outside the input root."""
+    """sha256 over what decides a slide's output; independent of paths outside the input root.
+
+    ``check`` holds the agreement check's settings (reference, gate, confidence): they decide the
+    slide's check columns and QC outcome, so changing them redoes the slide.
+    """
     payload = {
         "cellbatch": __version__,
         "inputs": [(i["source"], i["frame"], i.get("sha256")) for i in inputs],
@@ -59,6 +64,7 @@ def content_key(
         "model": model_sha256,
         "classifier": classifier_sha256,
         "normalisers": normalisers,
+        "check": check,
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()

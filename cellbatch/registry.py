@@ -12,7 +12,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
-from cellbatch.errors import ConfigError
+from cellbatch.errors import ConfigError, UnavailableError
 
 BUILTINS: dict[str, dict[str, str]] = {
     "detectors": {
@@ -66,7 +66,7 @@ class Registry:
                 for part in attr.split("."):
                     obj = getattr(obj, part)
             except (ImportError, AttributeError) as exc:
-                raise ConfigError(
+                raise UnavailableError(
                     f"{self.kind[:-1]} {name!r} could not be loaded from {self._targets[name]}: {exc}"
                 ) from exc
             self._loaded[name] = obj
@@ -75,3 +75,18 @@ class Registry:
 
 detectors = Registry("detectors")
 normalisers = Registry("normalisers")
+
+
+def make_detector(name: str, *, cell_diameter: float = 110.0) -> Any:
+    """The detector registered as ``name``, built with its settings: the one way every command builds one.
+
+    Raises
+    ------
+    ConfigError
+        ``name`` is not registered (exit 2: a bad command line).
+    UnavailableError
+        Its plugin cannot be imported.
+    """
+    from cellbatch.detect.base import DetectSettings
+
+    return detectors.get(name)(DetectSettings(cell_diameter=cell_diameter))

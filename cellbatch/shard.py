@@ -144,7 +144,7 @@ def merge_run_json(old: dict[str, Any] | None, report: RunReport) -> dict[str, A
         out=report.out, command=report.command, started=started,
         slides=[slides[name] for name in sorted(slides)], failures=failures,
         notes=report.notes, generation=report.generation, finished=report.finished,
-        min_agreement=report.min_agreement,
+        min_agreement=report.min_agreement, state=report.state, listed=report.listed,
     )
     return merged.to_dict()
 

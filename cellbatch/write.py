@@ -8,7 +8,6 @@ appended in fixed chunks so memory stays bounded however many cells a slide has.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import queue
 import shutil
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from cellbatch.atomic import write_json_atomic
 from cellbatch.errors import OutputError
 
 STAGING_DIR = ".cellbatch-staging"
@@ -33,17 +33,6 @@ _STAGING_LABEL_BYTES = 64
 WRITE_CHUNKS = 4
 # What a slide folder holds of its own; anything else in it belongs to a nested slide.
 SLIDE_FILES = frozenset({"cells.csv", "cells.zarr", "provenance.json", "confusion.csv", "confusion.png"})
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def format_value(value: Any) -> Any:
@@ -174,14 +163,18 @@ class SlideWriter:
         self._pending_count -= n_write
 
     def commit(self, provenance: dict[str, Any]) -> Path:
-        """Finish the files and move the slide folder into place (replacing an older result)."""
+        """Finish the files and move the slide folder into place (replacing an older result).
+
+        ``provenance`` is written with its ``cells`` set to the number of cells written.
+        """
         self._finish_thread()
         self._raise_pending_error()
         self._flush(final=True)
         self._csv_file.flush()
         os.fsync(self._csv_file.fileno())
         self._csv_file.close()
-        write_json_atomic(self.staging / "provenance.json", provenance)
+        # The cell count is final only now that the background writer is done.
+        write_json_atomic(self.staging / "provenance.json", {**provenance, "cells": self.count})
         self.final_dir.parent.mkdir(parents=True, exist_ok=True)
         old = None
         if self.final_dir.exists():

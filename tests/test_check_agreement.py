@@ -237,7 +237,7 @@ def test_provenance_names_classifier_and_settings(classifier, classifier_file):
     assert prov["path"] == str(classifier_file)
     assert len(prov["sha256"]) == 64
     assert prov["metadata"]["classes"] == CLASSES
-    assert prov["settings"] == {"min_confidence": 0.0, "min_agreement": 0.85, "batch_size": 64}
+    assert prov["settings"] == {"min_confidence": 0.0, "min_agreement": 0.85, "max_unsure": 0.5, "batch_size": 64}
     assert prov["reference"] is None
 
 

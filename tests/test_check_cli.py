@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cellbatch.atomic import write_json_atomic
 from cellbatch.check.agreement import AgreementCheck, CheckSettings, load_classifier
 from cellbatch.cli import cli, main
 from cellbatch.errors import ExitCode
-from cellbatch.write import CELL_COLUMNS, CHECK_COLUMNS, SlideWriter, write_json_atomic
+from cellbatch.write import CELL_COLUMNS, CHECK_COLUMNS, SlideWriter
 from tests.test_check_agreement import BLUE, GREEN, GREYISH_RED, RED, make_crops, save_classifier
 
 COLOURS = [RED, GREEN, BLUE, GREYISH_RED, RED, BLUE, GREEN]

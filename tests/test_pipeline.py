@@ -132,10 +132,11 @@ def test_normalise_none_writes_no_normalised_array(tmp_path, cellbatch):
     assert "normalised" not in zarr.open_group(str(tmp_path / "out" / "s" / "cells.zarr"), mode="r")
 
 
-def test_unknown_normaliser_is_a_one_line_error(tmp_path, cellbatch):
+def test_unknown_normaliser_is_a_usage_error(tmp_path, cellbatch):
     write_slides(tmp_path / "in", slides={"s": 1})
     code, _, err = cellbatch("run", tmp_path / "in", "-o", tmp_path / "out", "--normalise", "sepia", *TOY)
-    assert code == ExitCode.COULD_NOT_RUN and "sepia" in err and "display" in err
+    assert code == ExitCode.USAGE and "sepia" in err and "display" in err
+    assert err.startswith("Usage: cellbatch run") and "Traceback" not in err
 
 
 def test_missing_input_is_a_one_line_error(tmp_path, cellbatch):

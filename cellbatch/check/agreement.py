@@ -14,8 +14,6 @@ written output through the same class, so both give the same figures.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,10 +28,9 @@ from cellbatch.check.confusion import (
     write_confusion_png,
 )
 from cellbatch.check.reference import ReferenceSource
+from cellbatch.crop import CROP_SIZE  # the classifier contract's input side
 from cellbatch.errors import ConfigError, InputFormatError, ModelError
 from cellbatch.modelfile import ModelFile, load_model
-
-CROP_SIZE = 256  # the classifier contract: (N, 3, 256, 256) input
 
 
 @dataclass(frozen=True)
@@ -48,12 +45,16 @@ class CheckSettings:
     min_agreement
         A slide whose agreement rate is below this is flagged ``qc_failed`` (``--min-agreement``);
         ``None`` turns the gate off.
+    max_unsure
+        With the gate on, a slide where more than this share of the cells is unsure also fails it
+        (``--max-unsure``): a rate over a few confident cells says little about the slide.
     batch_size
         Crops per classifier call.
     """
 
     min_confidence: float = 0.0
     min_agreement: float | None = None
+    max_unsure: float = 0.5
     batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -61,6 +62,8 @@ class CheckSettings:
             raise ConfigError(f"--min-confidence {self.min_confidence}: give a probability from 0 to 1")
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
             raise ConfigError(f"--min-agreement {self.min_agreement}: give a rate from 0 to 1 (0.85 for 85%)")
+        if not 0.0 <= self.max_unsure <= 1.0:
+            raise ConfigError(f"--max-unsure {self.max_unsure}: give a share from 0 to 1 (0.5 for half the cells)")
         if self.batch_size < 1:
             raise ConfigError(f"batch size {self.batch_size}: give at least 1")
 
@@ -237,8 +240,9 @@ class AgreementCheck:
         rows
             One dict per cell with at least ``source``, ``frame``, ``cx``, ``cy`` (used to find the
             reference cell).
-        crops, outputs : (N, 256, 256, 3) uint8
-            The raw input crops and what the run writes last for the same cells.
+        crops, outputs : (N, S, S, 3) uint8, S >= 256
+            The raw input crops and what the run writes last for the same cells; crops larger than the
+            classifier's 256x256 input (``--crop-size``) are classified on their centre, where the cell is.
         probabilities
             ``p_input`` and ``p_output`` from :meth:`score`, when the crops were classified already.
 
@@ -249,6 +253,9 @@ class AgreementCheck:
             reference cell), ``p_output`` (probability of the output class) and ``agree`` (``None``
             when the cell is not checked: no reference cell, or unsure).
         """
+        same = outputs is crops
+        crops, outputs = centre_crops(crops), centre_crops(outputs)
+        outputs = crops if same else outputs
         _check_crops(outputs, "output crops")
         if len(rows) != len(crops) or len(crops) != len(outputs):
             raise InputFormatError(
@@ -310,14 +317,13 @@ class AgreementCheck:
             unsure=state.unsure,
             no_reference=state.no_reference,
             min_agreement=self.settings.min_agreement,
+            max_unsure=self.settings.max_unsure,
         )
         slide_dir = Path(slide_dir)
-        _replace_with(slide_dir / "confusion.csv", lambda p: write_confusion_csv(state.matrix, self.classes, p))
+        # A re-check replaces these files in a finished slide folder: both writers replace atomically.
+        write_confusion_csv(state.matrix, self.classes, slide_dir / "confusion.csv")
         title = agreement_title(state.slide_name, summary)
-        _replace_with(
-            slide_dir / "confusion.png",
-            lambda p: write_confusion_png(state.matrix, self.classes, p, title=title),
-        )
+        write_confusion_png(state.matrix, self.classes, slide_dir / "confusion.png", title=title)
         return summary
 
     def provenance(self) -> dict[str, Any]:
@@ -343,11 +349,13 @@ def summarise(
     unsure: int,
     no_reference: int,
     min_agreement: float | None,
+    max_unsure: float = 1.0,
 ) -> dict[str, Any]:
     """The summary dict of :meth:`AgreementCheck.finish_slide` from counts.
 
-    ``qc_failed`` is true when ``min_agreement`` is set and the rate is below it, and also when the
-    slide has cells but none could be checked: a gate that cannot measure must not pass.
+    ``qc_failed`` is true when ``min_agreement`` is set and the rate is below it, when the slide has
+    cells but none could be checked, or when more than ``max_unsure`` of its cells were unsure: a gate
+    that cannot measure must not pass.
     """
     figures = agreement_figures(matrix, classes)
     agreement = figures["agreement"]
@@ -356,7 +364,7 @@ def summarise(
     elif agreement is None:
         qc_failed = cells > 0
     else:
-        qc_failed = agreement < min_agreement
+        qc_failed = agreement < min_agreement or (cells > 0 and unsure / cells > max_unsure)
     return {
         "cells": int(cells),
         "checked": figures["checked"],
@@ -367,6 +375,7 @@ def summarise(
         "per_class": figures["per_class"],
         "confusion": {"classes": list(classes), "matrix": np.asarray(matrix, dtype=np.int64).tolist()},
         "min_agreement": min_agreement,
+        "max_unsure": max_unsure,
         "qc_failed": bool(qc_failed),
     }
 
@@ -422,7 +431,7 @@ def summarise_run(slides: Mapping[str, Mapping[str, Any]], *, min_agreement: flo
         }
     classes = summaries[0]["confusion"]["classes"]
     if any(s["confusion"]["classes"] != classes for s in summaries):
-        raise ConfigError("slides were checked with classifiers of different classes: re-check them all at once")
+        raise InputFormatError("slides were checked with classifiers of different classes: re-check them all at once")
     matrix = sum(np.asarray(s["confusion"]["matrix"], np.int64) for s in summaries)
     run = summarise(
         matrix,
@@ -435,6 +444,15 @@ def summarise_run(slides: Mapping[str, Mapping[str, Any]], *, min_agreement: flo
     failed = [name for name, s in slides.items() if s["qc_failed"]]
     run.update({"slides": len(summaries), "qc_failed": bool(failed), "qc_failed_slides": failed})
     return run
+
+
+def centre_crops(crops: np.ndarray) -> np.ndarray:
+    """The centre ``CROP_SIZE`` x ``CROP_SIZE`` of crops cut larger (``--crop-size``); others as they are."""
+    size = getattr(crops, "shape", (0, 0))[1:3]
+    if len(size) != 2 or size[0] != size[1] or size[0] <= CROP_SIZE:
+        return crops
+    start = (size[0] - CROP_SIZE) // 2
+    return crops[:, start : start + CROP_SIZE, start : start + CROP_SIZE]
 
 
 def _check_crops(crops: np.ndarray, what: str) -> None:
@@ -450,16 +468,6 @@ def _check_crops(crops: np.ndarray, what: str) -> None:
             f"{what} are {dtype} {shape}, not uint8 (N, {CROP_SIZE}, {CROP_SIZE}, 3) RGB: "
             "the classifier contract takes 256x256 crops"
         )
-
-
-def _replace_with(path: Path, write: Any) -> None:
-    # A re-check replaces files in a finished slide folder: readers see the old file or the new one.
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _percent(value: float | None) -> str:

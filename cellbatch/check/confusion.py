@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from cellbatch.atomic import atomic_write, write_bytes_atomic
+
 # Heat-map geometry in pixels; big enough for three-digit counts in a cell.
 _CELL = 56
 _MARGIN = 12
@@ -75,7 +77,7 @@ def write_confusion_csv(matrix: np.ndarray, classes: Sequence[str], path: str | 
     matrix = np.asarray(matrix, dtype=np.int64)
     figures = agreement_figures(matrix, classes)
     path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    with atomic_write(path, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["reference\\output", *classes, "checked", "agreement"])
         for i, name in enumerate(classes):
@@ -206,13 +208,15 @@ def _draw_legend(canvas: np.ndarray, *, x: int, top: int, height: int) -> None:
 
 
 def write_confusion_png(matrix: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str = "") -> Path:
-    """Render :func:`render_confusion` and write it as PNG."""
+    """Render :func:`render_confusion` and write it as PNG (atomically)."""
     import cv2
 
     path = Path(path)
     image = render_confusion(matrix, classes, title=title)
-    if not cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1])):
-        raise OSError(f"could not write {path}")
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    write_bytes_atomic(path, png.tobytes())
     return path
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import csv
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cellbatch.atomic import atomic_write
 from cellbatch.check.agreement import AgreementCheck, summarise_run
 from cellbatch.errors import InputFormatError, InputNotFoundError
 
@@ -42,7 +42,8 @@ def find_slide_dirs(out_root: str | Path) -> list[Path]:
 def recheck_output(out_root: str | Path, check: AgreementCheck, *, command: list[str]) -> dict[str, Any]:
     """Re-check every slide under OUT.
 
-    Returns the run summary (:func:`summarise_run`) plus ``slides_checked`` (slide name -> summary).
+    Returns the run summary (:func:`summarise_run`) plus ``slides_checked`` (slide name -> summary) and
+    ``exit_code``, OUT's after the check (as in ``run.json``; :func:`cellbatch.runstate.exit_code_for`).
     """
     from cellbatch.provenance import utc_now
 
@@ -55,19 +56,42 @@ def recheck_output(out_root: str | Path, check: AgreementCheck, *, command: list
         )
     stamp = {"command": command, "at": utc_now()}
     summaries = {}
+    compared_with_itself = []
     for slide_dir in slide_dirs:
         name = slide_dir.relative_to(out_root).as_posix()
         summaries[name] = recheck_slide(slide_dir, check, name=name, stamp=stamp)
+        if check.reference is None and _output_array(slide_dir) == "crop":
+            compared_with_itself.append(name)
+    warnings = []
+    if compared_with_itself:
+        warnings.append(
+            f"{len(compared_with_itself)} slide(s) ({', '.join(compared_with_itself[:3])}"
+            f"{', ...' if len(compared_with_itself) > 3 else ''}) hold no generated or normalised crops and no "
+            "--reference was given: output and reference are the same pixels, so agreement is 100% by "
+            "construction; pass --reference DM96/ or check an output made with --model"
+        )
     run = summarise_run(summaries, min_agreement=check.settings.min_agreement)
-    _update_run_json(out_root / "run.json", summaries, run, check, stamp)
-    return {**run, "slides_checked": summaries}
+    exit_code = _update_run_json(out_root / "run.json", summaries, run, check, stamp)
+    return {**run, "slides_checked": summaries, "exit_code": exit_code, "warnings": warnings}
+
+
+def _output_array(slide_dir: Path) -> str | None:
+    """The array a check reads as the slide's output (``normalised``, ``generated`` or ``crop``)."""
+    import zarr
+
+    try:
+        present = set(zarr.open_group(str(slide_dir / "cells.zarr"), mode="r").array_keys())
+    except Exception:  # recheck_slide has already reported an unreadable store
+        return None
+    return next((n for n in OUTPUT_ORDER if n in present), None)
 
 
 def recheck_slide(slide_dir: Path, check: AgreementCheck, *, name: str, stamp: dict[str, Any]) -> dict[str, Any]:
     """Re-check one slide folder in place and return its summary (see :meth:`AgreementCheck.finish_slide`)."""
     import zarr
 
-    from cellbatch.write import CHECK_COLUMNS, format_value, write_json_atomic
+    from cellbatch.atomic import write_json_atomic
+    from cellbatch.write import CHECK_COLUMNS, format_value
 
     fieldnames, rows = _read_cells_csv(slide_dir / "cells.csv")
     try:
@@ -138,17 +162,10 @@ def _read_cells_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def _write_cells_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -166,14 +183,14 @@ def _update_run_json(
     run: dict[str, Any],
     check: AgreementCheck,
     stamp: dict[str, Any],
-) -> None:
+) -> int:
     """Put the new figures into OUT/run.json: each slide's ``check`` and QC status, and the run's.
 
     A slide that was ``done`` or ``qc_failed`` takes the status the new check gives it; ``exit_code``
-    follows the documented rule (failed inputs 4, else QC failures 5, else 0).
+    follows the one rule of :func:`cellbatch.runstate.exit_code_for`, and is returned.
     """
-    from cellbatch.errors import ExitCode
-    from cellbatch.write import write_json_atomic
+    from cellbatch.atomic import write_json_atomic
+    from cellbatch.runstate import exit_code_for
 
     data = _read_json(path) if path.exists() else {}
     slides = data.setdefault("slides", [])
@@ -192,10 +209,8 @@ def _update_run_json(
     for entry in slides:
         counts[entry.get("status", "")] = counts.get(entry.get("status", ""), 0) + 1
     data["slides_by_status"] = counts
-    if any(e.get("status") == "failed" or e.get("failed_captures") for e in slides):
-        data["exit_code"] = ExitCode.INPUTS_FAILED
-    else:
-        data["exit_code"] = ExitCode.QC_FAILED if counts.get("qc_failed") else ExitCode.OK
+    data["exit_code"] = exit_code_for(entry for entry in slides if isinstance(entry, dict))
     data["classifier"] = check.provenance()
     data["check"] = {**run, "rechecked": stamp}
     write_json_atomic(path, data)
+    return data["exit_code"]

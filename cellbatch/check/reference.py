@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from cellbatch.detect.base import Cell, Detector, DetectSettings
+from cellbatch.crop import CROP_SIZE
+from cellbatch.detect.base import Cell, Detector
 from cellbatch.errors import CellbatchError, InputNotFoundError
 from cellbatch.read import Slide, discover_slides, is_image_file, is_zarr_store, read_frame, read_image
 
-CROP_SIZE = 256
 _Capture = tuple[np.ndarray, tuple[Cell, ...], np.ndarray]
 
 
@@ -55,10 +55,10 @@ class ReferenceSource:
                 f"reference {self.root} does not exist: pass the folder or Zarr store of paired DM96 captures"
             )
         if isinstance(detector, str):
-            from cellbatch.registry import detectors
+            from cellbatch.registry import make_detector
 
             self.detector_name = detector
-            self.detector: Detector = detectors.get(detector)(DetectSettings(cell_diameter=cell_diameter))
+            self.detector: Detector = make_detector(detector, cell_diameter=cell_diameter)
         else:
             self.detector_name = type(detector).__name__
             self.detector = detector
@@ -97,7 +97,7 @@ class ReferenceSource:
 
     def provenance(self) -> dict[str, Any]:
         return {
-            "root": str(self.root),
+            "root": str(self.root.resolve()),
             "detector": self.detector_name,
             "cell_diameter": self.cell_diameter,
             "max_offset": self.max_offset,
@@ -147,9 +147,9 @@ class ReferenceSource:
     def _zarr_slide(self, source: str, slide: str | None) -> Slide | None:
         """The Zarr slide (array or OME-Zarr image) holding ``source``'s frames, or ``None``.
 
-        ``source`` is the array path inside its store (``"."`` for a store that is one array). The
-        store is the reference root itself, or the folder the slide name gives below the root (the
-        slide name minus the array path).
+        ``source`` is the array path inside its store (the store's own name, or ``"."`` in outputs
+        written before, for a store that is one array). The store is the reference root itself, or
+        the folder the slide name gives below the root (the slide name minus the array path).
         """
         key = (slide, source)
         if key in self._zarr_slides:
@@ -167,6 +167,8 @@ class ReferenceSource:
             if store not in self._stores:
                 self._stores[store] = [s for s in discover_slides(store) if s.kind == "zarr"]
             found = next((s for s in self._stores[store] if s.array_path.strip("/") == path), None)
+            if found is None and path:  # a store that is one array is the slide whatever its source says
+                found = next((s for s in self._stores[store] if not s.array_path.strip("/")), None)
             if found is not None:
                 break
         self._zarr_slides[key] = found

@@ -8,14 +8,16 @@ boundary that turns a :class:`~cellbatch.errors.CellbatchError` into one line an
 from __future__ import annotations
 
 import importlib
+import json
+import signal
 import sys
 import warnings
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 import click
 
 from cellbatch import __version__
-from cellbatch.errors import CellbatchError, TorchScriptDeprecated
+from cellbatch.errors import CellbatchError, Interrupted, TorchScriptDeprecated
 
 # name -> (module, attribute, one-line help). Help text lives here so listing imports nothing.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -81,28 +83,63 @@ def _show_note(
         _show_warning(message, category, filename, lineno, file, line)
 
 
+def command_line() -> list[str]:
+    """The command line of this invocation, for provenance and ``run.json``."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    if isinstance(obj, dict) and "command" in obj:
+        return list(obj["command"])
+    return ["cellbatch", *sys.argv[1:]]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one line per user error, a traceback only with ``--debug``."""
+    """Console entry point: one line per user error, a traceback only with ``--debug``.
+
+    Every exit goes through :func:`_exit`: with ``--json``, errors and interrupts print one JSON object
+    on stdout too, so a script always has something to parse. SIGTERM is handled like Ctrl-C.
+    """
     args = sys.argv[1:] if argv is None else argv
     warnings.showwarning = _show_note
     debug = "--debug" in args
+    as_json = "--json" in args
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         # Without standalone mode click returns a command's ctx.exit() code instead of exiting.
-        code = cli.main(args=args, prog_name="cellbatch", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("cellbatch: interrupted", err=True)
-        sys.exit(130)
+        code = cli.main(args=args, prog_name="cellbatch", standalone_mode=False,
+                        obj={"command": ["cellbatch", *args]})
+    except click.exceptions.Abort as exc:
+        interrupt = exc.__cause__ if isinstance(exc.__cause__, Interrupted) else Interrupted()
+        _exit(interrupt.exit_code, interrupt.message, as_json=as_json, state="interrupted", summary=interrupt.summary)
+    except Interrupted as exc:
+        _exit(exc.exit_code, exc.message, as_json=as_json, state="interrupted", summary=exc.summary)
+    except KeyboardInterrupt:
+        _exit(130, "interrupted", as_json=as_json, state="interrupted")
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        exc.show()  # a usage error prints the command's usage line first
+        _exit(exc.exit_code, exc.format_message(), as_json=as_json, shown=True)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except CellbatchError as exc:
         if debug:
             raise
-        click.echo(f"cellbatch: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("cellbatch: interrupted", err=True)
-        sys.exit(130)
+        _exit(exc.exit_code, f"error: {exc}", as_json=as_json)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit(
+    code: int, message: str, *, as_json: bool, state: str = "not started", shown: bool = False,
+    summary: dict | None = None,
+) -> NoReturn:
+    """Say ``message`` on stderr (unless already ``shown``) and exit with ``code``; with ``--json``, print
+    the run's ``summary`` (an interrupted run's run.json) or a small object naming the error."""
+    if not shown:
+        click.echo(f"cellbatch: {message}", err=True)
+    if as_json:
+        data = {**summary, "exit_code": code} if summary else {"exit_code": code, "state": state, "error": message}
+        click.echo(json.dumps(data, indent=2))
+    sys.exit(code)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a job scheduler's stop) ends a run as Ctrl-C does: run.json says where it stands."""
+    raise Interrupted(signum=signum)

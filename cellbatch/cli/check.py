@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from cellbatch.cli.options import (
+    Command,
     agreement_options,
     cell_diameter_option,
     detector_option,
@@ -17,7 +18,7 @@ from cellbatch.cli.options import (
 )
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("out_dir", metavar="OUT", type=click.Path(path_type=Path))
 @click.option(
     "--classifier",
@@ -48,6 +49,7 @@ def check(
     cell_diameter: float,
     min_agreement: float | None,
     min_confidence: float,
+    max_unsure: float,
     batch_size: int,
     device: str,
     as_json: bool,
@@ -61,18 +63,22 @@ def check(
     from cellbatch.check.agreement import AgreementCheck, CheckSettings, load_classifier
     from cellbatch.check.recheck import recheck_output
     from cellbatch.check.reference import ReferenceSource
+    from cellbatch.cli import command_line
     from cellbatch.errors import ExitCode
     from cellbatch.generate import resolve_device
 
     device = resolve_device(device)
-    settings = CheckSettings(min_confidence=min_confidence, min_agreement=min_agreement, batch_size=batch_size)
+    settings = CheckSettings(min_confidence=min_confidence, min_agreement=min_agreement, max_unsure=max_unsure,
+                             batch_size=batch_size)
     model = load_classifier(classifier_path, classes=classes.split(",") if classes else None, device=device)
     source = None
     if reference is not None:
         source = ReferenceSource(reference, detector=detector, cell_diameter=cell_diameter)
     agreement = AgreementCheck(model, settings=settings, reference=source, device=device)
-    result = recheck_output(out_dir, agreement, command=list(sys.argv))
+    result = recheck_output(out_dir, agreement, command=command_line())
 
+    for warning in result["warnings"]:
+        click.echo(f"cellbatch: warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -85,9 +91,10 @@ def check(
             + ", ".join(result["qc_failed_slides"]),
             err=True,
         )
-        # sys.exit, not click's Exit: the entry point runs click with standalone_mode=False, which
-        # returns an Exit's code instead of exiting with it.
-        sys.exit(ExitCode.QC_FAILED)
+    if result["exit_code"] != ExitCode.OK:
+        # OUT's exit code, as `run` gives it (failed inputs 4 before QC 5). sys.exit, not click's Exit:
+        # the entry point runs click with standalone_mode=False, which returns an Exit's code instead.
+        sys.exit(result["exit_code"])
 
 
 def _line(name: str, summary: dict) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from cellbatch.cli.options import (
+    Group,
     device_option,
     json_option,
     model_formats_option,
@@ -18,7 +19,7 @@ from cellbatch.cli.options import (
 )
 
 
-@click.group()
+@click.group(cls=Group)
 def classifier() -> None:
     """Train a reference white-cell classifier (for --classifier of run and check)."""
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from cellbatch.cli.options import cell_diameter_option, detector_option, json_option
+from cellbatch.cli.options import Group, cell_diameter_option, detector_option, json_option
 
 
-@click.group("eval")
+@click.group("eval", cls=Group)
 def eval_() -> None:
     """Measure detection against ground truth: boxes, or captures centred on their cell."""
 
@@ -35,11 +35,10 @@ def detect(src: Path, boxes: Path, cell_diameter: float, detector: str, verbose:
     boxes, precision hits over detections. Images that the boxes do not name hold no white cell:
     every detection there is false.
     """
-    from cellbatch.detect.base import DetectSettings
     from cellbatch.errors import InputNotFoundError
     from cellbatch.evaluate import evaluate_detector, load_boxes
     from cellbatch.read import is_image_file, iter_image_files
-    from cellbatch.registry import detectors
+    from cellbatch.registry import make_detector
 
     if not src.exists():
         raise InputNotFoundError(f"input {src} does not exist: pass a folder of captures or one capture file")
@@ -47,7 +46,7 @@ def detect(src: Path, boxes: Path, cell_diameter: float, detector: str, verbose:
     if not images:
         raise InputNotFoundError(f"no capture files (.png, .jpg, .tif, .bmp) under {src}")
     truth = load_boxes(boxes)
-    find = detectors.get(detector)(DetectSettings(cell_diameter=cell_diameter))
+    find = make_detector(detector, cell_diameter=cell_diameter)
     score = evaluate_detector(images, truth, find)
 
     if as_json:
@@ -116,11 +115,10 @@ def centred(
     cells is a miss. Folders named by --empty (platelet captures) are scored on holding no cell whose
     body reaches within --radius of the centre: a white cell at the border is a real cell, not an error.
     """
-    from cellbatch.detect.base import DetectSettings
     from cellbatch.errors import InputNotFoundError
     from cellbatch.evaluate import evaluate_centred, half_of_each_folder
     from cellbatch.read import iter_image_files
-    from cellbatch.registry import detectors
+    from cellbatch.registry import make_detector
 
     if not src.is_dir():
         raise InputNotFoundError(f"input folder {src} does not exist: pass a folder of single-cell captures")
@@ -129,7 +127,7 @@ def centred(
         raise InputNotFoundError(f"no capture files (.png, .jpg, .tif, .bmp) under {src}")
     if half is not None:
         images = half_of_each_folder(images, half)
-    find = detectors.get(detector)(DetectSettings(cell_diameter=cell_diameter))
+    find = make_detector(detector, cell_diameter=cell_diameter)
     captures = evaluate_centred(images, find)
 
     groups: dict[str, list] = {}

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import click
 
-from cellbatch.cli.options import device_option, model_formats_option
+from cellbatch.cli.options import Group, device_option, model_formats_option
+from cellbatch.crop import CROP_SIZE
 from cellbatch.errors import ConfigError
 
 
-@click.group("model")
+@click.group("model", cls=Group)
 def model() -> None:
     """Export, convert, verify and inspect model files (TorchScript .pt and .onnx)."""
 
@@ -35,7 +36,7 @@ def model() -> None:
 )
 @click.option("--seed", type=int, help="Initialisation seed (with --untrained).")
 @click.option(
-    "--trace-size", type=click.IntRange(min=128), default=256, show_default=True, help="Square trace input."
+    "--trace-size", type=click.IntRange(min=128), default=CROP_SIZE, show_default=True, help="Square trace input."
 )
 def export(
     run: Path | None,

@@ -7,10 +7,17 @@ from pathlib import Path
 
 import click
 
-from cellbatch.cli.options import cell_diameter_option, detector_option, json_option, threads_option, use_threads
+from cellbatch.cli.options import (
+    Group,
+    cell_diameter_option,
+    detector_option,
+    json_option,
+    threads_option,
+    use_threads,
+)
 
 
-@click.group("normalise")
+@click.group("normalise", cls=Group)
 def normalise() -> None:
     """Fit colour-normalisation profiles (HM, global, Reinhard, Macenko).
 
@@ -42,6 +49,10 @@ def normalise() -> None:
 @detector_option
 @click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Use at most N captures of each set.")
 @threads_option
+@click.option("--source-model", type=click.Path(path_type=Path), metavar="MODEL.pt",
+              help="The --source captures are this generator's output: the profile then corrects that model "
+              "and `run` applies it after that model only (without it: fitted on raw captures, applied "
+              "without --model).")
 @json_option
 def fit(
     source: Path | None,
@@ -52,6 +63,7 @@ def fit(
     detector: str,
     limit: int | None,
     threads: int | None,
+    source_model: Path | None,
     as_json: bool,
 ) -> None:
     """Fit a profile from --source and --target captures; write it to --out.
@@ -77,6 +89,7 @@ def fit(
         detector=detector,
         cell_diameter=cell_diameter,
         limit=limit,
+        source_model=source_model,
     )
     summary = {"profile": str(path), "sha256": sha256_file(path), **record}
     if as_json:

@@ -99,11 +99,28 @@ def precision_option(f: F) -> F:
 
 
 def json_option(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")(f)
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the summary as JSON on stdout (one object on every exit, errors too).")(f)
 
 
 def quiet_option(f: F) -> F:
-    return click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
+    return click.option("--quiet", "-q", is_flag=True,
+                        help="No progress bar (the summary and failures still go to stderr).")(f)
+
+
+class Command(click.Command):
+    """A command whose own option checks (a :class:`~cellbatch.errors.ConfigError`: unknown plugin, bad
+    option value, options that need each other) end like click's: usage line, error, exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from cellbatch.errors import ConfigError
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            if ctx.find_root().obj and ctx.find_root().obj.get("debug"):
+                raise
+            raise click.UsageError(str(exc), ctx) from exc
 
 
 def agreement_options(f: F) -> F:
@@ -120,6 +137,9 @@ def agreement_options(f: F) -> F:
         click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
                      help="Cells whose output class has probability below P are 'unsure': counted, "
                      "left out of the rate."),
+        click.option("--max-unsure", type=click.FloatRange(0, 1), default=0.5, show_default=True, metavar="SHARE",
+                     help="With --min-agreement, a slide where more than SHARE of the cells are unsure "
+                     "(--min-confidence) fails QC too."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -136,3 +156,9 @@ def model_formats_option(flag: str = "--format", *, default: str = "both", help:
         show_default=True,
         help=help,
     )
+
+
+class Group(click.Group):
+    """A command group whose subcommands are :class:`Command` (usage line on a bad command line)."""
+
+    command_class = Command

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from cellbatch.cli.options import cell_diameter_option, detector_option, json_option, quiet_option
+from cellbatch.cli.options import Command, cell_diameter_option, detector_option, json_option, quiet_option
+from cellbatch.crop import CROP_SIZE
 
 
-@click.command("pair")
+@click.command("pair", cls=Command)
 @click.option(
     "--source",
     required=True,
@@ -72,7 +72,7 @@ from cellbatch.cli.options import cell_diameter_option, detector_option, json_op
 @click.option(
     "--crop-size",
     type=click.IntRange(min=16),
-    default=256,
+    default=CROP_SIZE,
     show_default=True,
     metavar="PX",
     help="Side of the written crops.",
@@ -103,8 +103,8 @@ def pair(
     the source by SIFT keypoints and a RANSAC fit, so the two crops agree pixel to pixel. Cells left
     unpaired are listed with the reason in OUT/unmatched.csv.
     """
-    from cellbatch.detect.base import DetectSettings
-    from cellbatch.registry import detectors
+    from cellbatch.cli import command_line
+    from cellbatch.registry import make_detector
     from cellbatch.train.pair import PairSettings, capture_sources, check_output, iter_pairs, write_pairs
 
     settings = PairSettings(
@@ -117,7 +117,7 @@ def pair(
         crop_size=crop_size,
     )
     check_output(out, overwrite=overwrite)
-    detect = detectors.get(detector)(DetectSettings(cell_diameter=cell_diameter))
+    detect = make_detector(detector, cell_diameter=cell_diameter)
     sources, targets = capture_sources(source), capture_sources(target)
     parameters = {
         "source": str(source),
@@ -130,7 +130,7 @@ def pair(
         out,
         overwrite=overwrite,
         parameters=parameters,
-        command=list(sys.argv),
+        command=command_line(),
     )
     summary = {"out": str(out), "source_captures": len(sources), "target_captures": len(targets), **counts}
     if as_json:

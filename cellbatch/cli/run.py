@@ -13,6 +13,7 @@ import click
 
 from cellbatch.cli.config import config_option, resolved_options
 from cellbatch.cli.options import (
+    Command,
     agreement_options,
     cell_diameter_option,
     detector_option,
@@ -22,6 +23,7 @@ from cellbatch.cli.options import (
     quiet_option,
     threads_option,
 )
+from cellbatch.crop import CROP_SIZE
 
 
 class BatchSize(click.ParamType):
@@ -44,7 +46,7 @@ class BatchSize(click.ParamType):
 BATCH_SIZE = BatchSize()
 
 
-@click.command("run")
+@click.command("run", cls=Command)
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("cellbatch-out"), show_default=True,
               help="Output folder: one folder per slide, plus run.json.")
@@ -57,6 +59,9 @@ BATCH_SIZE = BatchSize()
               help="Crops per device batch, or auto (on CUDA the largest that fits; 32 on CPU).")
 @cell_diameter_option
 @detector_option
+@click.option("--crop-size", type=click.IntRange(min=1), default=CROP_SIZE, show_default=True, metavar="PX",
+              help="Side of the square crop cut around each cell; raise it with --cell-diameter so large cells "
+              "fit (the classifier check uses the centre 256x256).")
 @click.option("--drop-edge", is_flag=True, help="Leave out cells cut by the capture border.")
 @click.option("--normalise", "normalise", multiple=True, metavar="NAME[:ARG]",
               help="Normaliser from the registry, applied in order (repeatable): none, display, hm:PROFILE.json, ...")
@@ -81,26 +86,28 @@ def run(sources: tuple[Path, ...], out: Path, classes: str | None, quiet: bool, 
     """Convert the captures in SOURCES (folders or Zarr stores) into OUT.
 
     Each slide (a leaf folder of captures, or one Zarr array) gets OUT/<slide>/cells.csv, cells.zarr
-    and provenance.json; OUT/run.json sums up the run. Exit codes: 0 all done, 3 could not run,
-    4 finished but some inputs failed, 5 finished but some slides failed QC.
+    and provenance.json; OUT/run.json describes OUT: every slide as it stands, skipped ones included.
+    Exit codes: 0 all done, 2 bad command line, 3 could not run, 4 some captures or slides in OUT
+    failed, 5 some slides in OUT below --min-agreement, 130/143 interrupted (Ctrl-C/SIGTERM; rerun to
+    resume).
 
     Every option (and SOURCES, as `sources`) can come from --config FILE.toml under its long name;
     the command line wins, and the values used go into each provenance.json.
     """
     from cellbatch.api import convert
+    from cellbatch.cli import command_line
 
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     with progress_bar(quiet) as (on_plan, on_progress):
         report = convert(
-            sources, out, classes=class_list, command=["cellbatch", *sys.argv[1:]], on_progress=on_progress,
+            sources, out, classes=class_list, command=command_line(), on_progress=on_progress,
             on_plan=on_plan, on_warning=lambda message: click.echo(f"cellbatch: warning: {message}", err=True),
             run_options=resolved_options(click.get_current_context()), **options,
         )
     summary = report.to_dict()
+    print_summary(summary)  # --quiet hides the progress bar only: a log always gets the outcome
     if as_json:
         click.echo(json.dumps(summary, indent=2))
-    elif not quiet:
-        print_summary(summary)
     if write_report:
         report_of(out, quiet=quiet)
     sys.exit(summary["exit_code"])

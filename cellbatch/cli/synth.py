@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from cellbatch.cli.options import cell_diameter_option, quiet_option
+from cellbatch.cli.options import Command, cell_diameter_option, quiet_option
 
 
-@click.command("synth")
+@click.command("synth", cls=Command)
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--count", type=click.IntRange(min=0), default=100, show_default=True, help="Captures to write.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed: the same seed, the same bytes.")

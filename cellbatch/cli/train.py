@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from cellbatch.cli.options import (
+    Command,
     cell_diameter_option,
     device_option,
     json_option,
@@ -32,7 +33,7 @@ def _parse_weights(values: tuple[str, ...]) -> dict[str, float]:
     return weights
 
 
-@click.command("train")
+@click.command("train", cls=Command)
 @click.option(
     "--setup", type=click.Choice(SETUP_NAMES), required=True, help="Training setup (thesis 3.2-3.5)."
 )

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cellbatch.crop import CROP_SIZE
 from cellbatch.errors import InputFormatError, InputNotFoundError
 from cellbatch.read import is_image_file, read_image
 
-INPUT_SIZE = 256
+INPUT_SIZE = CROP_SIZE
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cellbatch.errors import ConfigError, InputFormatError
+from cellbatch.errors import ConfigError, InputFormatError, InputNotFoundError
 from cellbatch.normalise.global_affine import apply_affine, fit_global
 from cellbatch.normalise.hm import fit_hm
 from cellbatch.normalise.macenko import fit_macenko
@@ -121,6 +121,18 @@ def fit_profile(
     return fields, {"source_images": src.count, "target_images": tgt.count}
 
 
+def fitted_on(source_model: str | Path | None) -> dict[str, Any]:
+    """What a source-fitted profile maps from: raw captures, or one generator's output (by sha256)."""
+    if source_model is None:
+        return {"kind": "captures"}
+    from cellbatch.modelfile import sha256_file
+
+    path = Path(source_model)
+    if not path.is_file():
+        raise InputNotFoundError(f"--source-model {path} does not exist: pass the generator whose output --source is")
+    return {"kind": "model_output", "model": str(path.resolve()), "sha256": sha256_file(path)}
+
+
 def fit_profile_files(
     out: str | Path,
     *,
@@ -130,8 +142,13 @@ def fit_profile_files(
     detector: str = "threshold",
     cell_diameter: float = 110.0,
     limit: int | None = None,
+    source_model: str | Path | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Fit a profile from captures on disk, write it to ``out`` and return (path, fit record).
+
+    The record says what the profile was fitted on (``fitted_on``): raw ``source`` captures, or the
+    output of the generator ``source_model`` (by sha256), so ``cellbatch run`` can refuse to apply it
+    where it would convert colours twice (see docs/normalisation.md).
 
     Raises
     ------
@@ -142,10 +159,9 @@ def fit_profile_files(
     """
     segment = None
     if method == "hm":
-        from cellbatch.detect.base import DetectSettings
-        from cellbatch.registry import detectors
+        from cellbatch.registry import make_detector
 
-        detect = detectors.get(detector)(DetectSettings(cell_diameter=cell_diameter))
+        detect = make_detector(detector, cell_diameter=cell_diameter)
 
         def segment(image: np.ndarray) -> np.ndarray:
             return detect(image).labels
@@ -172,6 +188,8 @@ def fit_profile_files(
         "limit": limit,
         "cellbatch_version": __version__,
     }
+    if method in NEEDS_SOURCE:
+        fit["fitted_on"] = fitted_on(source_model)
     if method == "hm":
         fit.update(detector=detector, cell_diameter=cell_diameter, source_segmented="after global transform")
     return write_profile(out, method=method, fields=fields, fit=fit), fit

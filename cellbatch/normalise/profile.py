@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from cellbatch.errors import InputNotFoundError, ProfileError
+from cellbatch.atomic import write_text_atomic
+from cellbatch.errors import ConfigError, InputNotFoundError, ProfileError
 
 VERSION = 1
 # A fitted profile is a few kilobytes of numbers; anything near this size is not one, and reading it
@@ -72,6 +72,44 @@ class Profile:
 
     def provenance(self) -> dict[str, Any]:
         return {"path": str(self.path.resolve()), "sha256": self.sha256, "format": self.data["format"]}
+
+    @property
+    def fitted_on(self) -> dict[str, Any] | None:
+        """What a profile fitted from --source captures maps from (``None`` for a target-only profile).
+
+        ``{"kind": "captures"}`` for raw captures (profiles written before this was recorded included),
+        ``{"kind": "model_output", "sha256": ...}`` for the output of one generator.
+        """
+        fit = self.data.get("fit")
+        if not isinstance(fit, dict) or fit.get("source") is None:
+            return None
+        recorded = fit.get("fitted_on")
+        return recorded if isinstance(recorded, dict) else {"kind": "captures"}
+
+    def check_use(self, *, model_sha256: str | None, model: str | None = None) -> None:
+        """Refuse to apply this profile where it would convert colours twice or fit the wrong input.
+
+        A profile fitted on raw captures maps the raw look to the target look by itself: after a
+        generator, which already did that, it would shift the colours again (red cells turn purple).
+        A profile fitted on one generator's output belongs after that generator only.
+        """
+        fitted = self.fitted_on
+        if fitted is None:
+            return
+        use = f"--normalise {self.method}:{self.path}"
+        if fitted.get("kind") == "captures" and model_sha256 is not None:
+            raise ConfigError(
+                f"{use} was fitted on raw captures: it converts them to the target look by itself, and after "
+                f"--model {model} it would convert the colours twice; drop --model to use the profile instead "
+                "of the generator, or fit it on the model's output (cellbatch normalise fit --source "
+                "<generated crops> --source-model MODEL.pt ...)"
+            )
+        if fitted.get("kind") == "model_output" and fitted.get("sha256") != model_sha256:
+            after = f"--model {model}" if model_sha256 else "no --model"
+            raise ConfigError(
+                f"{use} was fitted on the output of the model {fitted.get('model')} (sha256 "
+                f"{str(fitted.get('sha256'))[:12]}...), not for {after}: run it after that model, or refit it"
+            )
 
     def fail(self, what: str) -> NoReturn:
         """Raise the :class:`ProfileError` for a profile whose content is wrong (``what`` says how)."""
@@ -150,12 +188,10 @@ def write_profile(path: str | Path, *, method: str, fields: dict[str, Any], fit:
     data = {"format": profile_format(method), "version": VERSION, **_plain(fields), "fit": _plain(fit)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     text = json.dumps(data, indent=1, allow_nan=False)
     # one innermost vector per line: a 4x3x3 covariance stays readable instead of 60 lines
     text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text + "\n")
     return path
 
 

@@ -10,12 +10,12 @@ checkpoint; ``cellbatch train --resume`` continues from it.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 from pathlib import Path
 from typing import Any
 
+from cellbatch.atomic import atomic_write, write_json_atomic
 from cellbatch.errors import InputFormatError, InputNotFoundError
 
 SETTINGS_NAME = "settings.json"
@@ -59,9 +59,8 @@ def save_checkpoint(state: dict[str, Any], run: Path, step: int, *, keep: int) -
 
     path = checkpoint_path(run, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as fh:
+        torch.save(state, fh)
     for _, old in list_checkpoints(run)[:-keep]:
         old.unlink()
     return path
@@ -94,6 +93,4 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, sort_keys=True)

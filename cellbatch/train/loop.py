@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cellbatch.atomic import atomic_write
 from cellbatch.errors import ConfigError
 from cellbatch.generate import device_name, resolve_device
 from cellbatch.models.generator import TILE_MULTIPLE
@@ -199,12 +200,10 @@ class _MetricsLog:
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         fields = list(dict.fromkeys(k for r in self.rows for k in r))
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_write(self.path, newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(self.rows)
-        tmp.replace(self.path)
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key != "step":

@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import shutil
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from cellbatch.crop import background_colour, crop_window_origin
+from cellbatch.crop import CROP_SIZE, background_colour, crop_window_origin
 from cellbatch.detect.base import NUCLEUS, Detection
 from cellbatch.errors import CellbatchError, ConfigError, InputFormatError, OutputError
 from cellbatch.read import Slide, read_frame, read_image
@@ -100,7 +99,7 @@ class PairSettings:
     min_inliers: int = 8
     ransac_threshold: float = 2.0
     max_scale_change: float = 0.25
-    crop_size: int = 256
+    crop_size: int = CROP_SIZE
     # Background padding by default: it is how `cellbatch run` pads the crops a generator will see.
     pad: Literal["reflect", "background"] = "background"
 
@@ -209,7 +208,7 @@ def pair_captures(
         Names that agree once the suffix is dropped are taken to be the same field of view.
     detector
         ``detector(image) -> Detection``, e.g.
-        ``cellbatch.registry.detectors.get("threshold")(DetectSettings(cell_diameter=110))``.
+        ``cellbatch.registry.make_detector("threshold", cell_diameter=110)``.
     settings
         See :class:`PairSettings`.
     progress
@@ -381,7 +380,9 @@ def align_cells(
     return Alignment(affine.astype(np.float64), n_inliers, rmse)
 
 
-def crop_source(image: np.ndarray, origin: tuple[int, int], *, size: int = 256, pad: str = "reflect") -> np.ndarray:
+def crop_source(
+    image: np.ndarray, origin: tuple[int, int], *, size: int = CROP_SIZE, pad: str = "reflect"
+) -> np.ndarray:
     """Cut the window at ``origin`` (x0, y0) out of ``image`` without resampling.
 
     ``pad`` is ``"reflect"`` (mirror past the border, edge pixel not repeated) or ``"background"``
@@ -392,7 +393,7 @@ def crop_source(image: np.ndarray, origin: tuple[int, int], *, size: int = 256, 
 
 
 def warp_target(
-    image: np.ndarray, affine: np.ndarray, origin: tuple[int, int], *, size: int = 256, pad: str = "reflect"
+    image: np.ndarray, affine: np.ndarray, origin: tuple[int, int], *, size: int = CROP_SIZE, pad: str = "reflect"
 ) -> np.ndarray:
     """Resample ``image`` (target) into the source window at ``origin``, given ``affine`` (target -> source).
 
@@ -480,7 +481,7 @@ def write_pairs(
                     counts[f"unmatched_{item.side}"] += 1
         provenance = {
             "cellbatch_version": _version(),
-            "command": command if command is not None else sys.argv,
+            "command": list(command or []),
             "parameters": dict(parameters or {}),
             "environment": {
                 "python": platform.python_version(),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellbatch.crop import background_colour, crop_window
+from cellbatch.crop import CROP_SIZE, background_colour, crop_window
 from cellbatch.errors import OutputError
 
 COLUMNS = ("name", "source", "target", "source_cell", "target_cell", "source_cx", "source_cy", "x0", "y0")
@@ -26,7 +26,7 @@ def pairs_from_synth(
     *,
     count: int,
     seed: int,
-    size: int = 256,
+    size: int = CROP_SIZE,
     cell_diameter: float = 110.0,
 ) -> Path:
     """Write a pairs folder from ``count`` synthetic captures (DM1200 look -> DM96 look).
@@ -71,7 +71,7 @@ def pairs_from_shifted_captures(
     skip: int = 0,
     limit: int | None = None,
     half: str | None = None,
-    size: int = 256,
+    size: int = CROP_SIZE,
     cell_diameter: float = 110.0,
 ) -> Path:
     """Write a pairs folder from real DM96 captures pushed through the synthetic DM1200 optics.
@@ -84,14 +84,13 @@ def pairs_from_shifted_captures(
     ``half`` (``even`` or ``odd``) first keeps every other capture of each folder in name order
     (:func:`cellbatch.evaluate.half_of_each_folder`), a split with every class on both sides.
     """
-    from cellbatch.detect.base import DetectSettings
-    from cellbatch.detect.threshold import ThresholdDetector
     from cellbatch.evaluate import half_of_each_folder
     from cellbatch.read import iter_image_files, read_image
+    from cellbatch.registry import make_detector
     from cellbatch.synth import apply_optics
 
     rng = np.random.default_rng(seed)
-    detector = ThresholdDetector(DetectSettings(cell_diameter=cell_diameter))
+    detector = make_detector("threshold", cell_diameter=cell_diameter)
     root = Path(src)
 
     def scenes() -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, list[tuple[float, float]]]]:
