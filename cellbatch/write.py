@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cellbatch.atomic import write_json_atomic
+from cellbatch.atomic import signals_deferred, write_json_atomic
 from cellbatch.errors import OutputError
 
 STAGING_DIR = ".cellbatch-staging"
@@ -165,7 +165,7 @@ class SlideWriter:
     def commit(self, provenance: dict[str, Any]) -> Path:
         """Finish the files and move the slide folder into place (replacing an older result).
 
-        ``provenance`` is written with its ``cells`` set to the number of cells written.
+        A ``cells`` entry of ``provenance`` is written as the number of cells written.
         """
         self._finish_thread()
         self._raise_pending_error()
@@ -173,16 +173,21 @@ class SlideWriter:
         self._csv_file.flush()
         os.fsync(self._csv_file.fileno())
         self._csv_file.close()
-        # The cell count is final only now that the background writer is done.
-        write_json_atomic(self.staging / "provenance.json", {**provenance, "cells": self.count})
+        if "cells" in provenance:  # the count is final only now that the background writer is done
+            provenance = {**provenance, "cells": self.count}
+        write_json_atomic(self.staging / "provenance.json", provenance)
         self.final_dir.parent.mkdir(parents=True, exist_ok=True)
         old = None
-        if self.final_dir.exists():
-            old = self.out_root / STAGING_DIR / f"old-{uuid.uuid4().hex[:12]}"
-            os.rename(self.final_dir, old)
-        os.rename(self.staging, self.final_dir)
+        # Ctrl-C or SIGTERM between the renames would leave the old result in staging, where the next
+        # run deletes it: the signal waits until both renames (and the nested slides' moves) are done.
+        with signals_deferred():
+            if self.final_dir.exists():
+                old = self.out_root / STAGING_DIR / f"old-{uuid.uuid4().hex[:12]}"
+                os.rename(self.final_dir, old)
+            os.rename(self.staging, self.final_dir)
+            if old is not None:
+                keep_nested_slides(old, self.final_dir)
         if old is not None:
-            keep_nested_slides(old, self.final_dir)
             shutil.rmtree(old, ignore_errors=True)
         return self.final_dir
 

@@ -70,3 +70,17 @@ def test_every_replaced_file_goes_through_the_helper():
         if p.name != "atomic.py" and ".tmp" in p.read_text(encoding="utf-8")
     ]
     assert offenders == []
+
+
+def test_signals_wait_until_a_deferred_block_is_done():
+    import os
+    import signal
+
+    from cellbatch.atomic import signals_deferred
+
+    order = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            order.append("block finished")
+    assert order == ["block finished"]

@@ -36,19 +36,6 @@ def toy_detector():
     PieceCounter.seen = 0
 
 
-@pytest.fixture
-def cellbatch(capsys):
-    from cellbatch.cli import main
-
-    def invoke(*args: str):
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return exit_info.value.code, captured.out, captured.err
-
-    return invoke
-
-
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

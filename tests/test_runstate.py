@@ -27,19 +27,6 @@ def toy_detector():
     detectors.register("blobs", DarkBlobDetector)
 
 
-@pytest.fixture
-def cellbatch(capsys):
-    from cellbatch.cli import main
-
-    def invoke(*args: str):
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return exit_info.value.code, captured.out, captured.err
-
-    return invoke
-
-
 def test_failed_captures_persist_on_a_rerun_until_fixed(tmp_path, cellbatch):
     write_slides(tmp_path / "in", slides={"s": 3, "ok": 2})
     broken = tmp_path / "in" / "s" / "broken.png"

@@ -58,7 +58,9 @@ def check(
 
     Rewrites the class_* / p_output / agree columns of each slide's cells.csv, its confusion.csv and
     confusion.png, and the check figures in provenance.json and OUT/run.json. The figures equal those
-    of `cellbatch run --classifier` with the same options.
+    of `cellbatch run --classifier` with the same options. Exit codes as for `run` (OUT's state after
+    the check): 0, 2 bad command line, 3 could not run, 4 some captures or slides in OUT failed,
+    5 some slides below --min-agreement.
     """
     from cellbatch.check.agreement import AgreementCheck, CheckSettings, load_classifier
     from cellbatch.check.recheck import recheck_output
