@@ -66,8 +66,10 @@ def atomic_write(
 def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back until the block is done (a few renames that must not be split).
 
-    Python runs signal handlers in the main thread only, so blocking them there is enough; in another
-    thread this does nothing.
+    The handlers are swapped for ones that only note the signal, and the first one noted is raised again
+    once the old handlers are back. (Blocking the signal would not do: the kernel hands a process signal
+    to any thread that does not block it, and Python then interrupts the main thread anyway.) Handlers
+    can be swapped in the main thread only; elsewhere this does nothing.
     """
     import signal
     import threading
@@ -75,12 +77,18 @@ def signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not None:  # None: a handler installed outside Python, left alone
+            previous[signum] = signal.signal(signum, lambda number, frame: noted.append(number))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if noted:
+            signal.raise_signal(noted[0])
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

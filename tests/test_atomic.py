@@ -77,12 +77,23 @@ def test_every_replaced_file_goes_through_the_helper():
 def test_signals_wait_until_a_deferred_block_is_done():
     import os
     import signal
+    import threading
+    import time
 
     from cellbatch.atomic import signals_deferred
 
+    # another thread, as in a run (Dask, the writer): the kernel may hand it the signal
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    helper.start()
     order = []
-    with pytest.raises(KeyboardInterrupt):
-        with signals_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            order.append("block finished")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                order.append("block finished")
+    finally:
+        stop.set()
+        helper.join()
     assert order == ["block finished"]
