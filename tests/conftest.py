@@ -19,20 +19,6 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture
-def cellbatch(capsys: pytest.CaptureFixture[str]):
-    """``cellbatch(*args) -> (exit code, stdout, stderr)``: the CLI entry point run in this process."""
-    from cellbatch.cli import main
-
-    def invoke(*args: object) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return exit_info.value.code, captured.out, captured.err
-
-    return invoke
-
-
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """Tiny networks train faster on one thread than on two that wait on each other (and on a shared CPU)."""
