@@ -14,8 +14,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cellbatch.crop import CROP_SIZE
+
 CARD_NAME = "MODEL.md"
-SPEED_SIZE = 256
+SPEED_SIZE = CROP_SIZE  # timed on the crops a run feeds the model
 SPEED_BATCHES = (1, 16)
 SPEED_REPEATS = 3
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from cellbatch.crop import CROP_SIZE
 from cellbatch.errors import ModelError
 
 SELFTEST_NAME = "cellbatch-selftest.npz"
@@ -31,7 +32,7 @@ SELFTEST_CROPS = 2
 SELFTEST_SEED = 20261201
 # Both cell types a white-cell look differs most on: a granular cytoplasm and a dense nucleus.
 SELFTEST_CELL_TYPES = ("eosinophil", "lymphocyte")
-CLASSIFIER_SIZE = 256
+CLASSIFIER_SIZE = CROP_SIZE  # the classifier contract's input side
 
 
 @dataclass(frozen=True)
