@@ -12,12 +12,11 @@ sample, never with the pixels in OUT: ``benchmarks/bench_report.py`` measures a 
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from cellbatch.atomic import write_text_atomic
 from cellbatch.errors import OutputError
 
 REPORT_NAME = "report.html"
@@ -85,11 +84,7 @@ def _min_agreement(run: dict, summaries) -> float | None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     except OSError as exc:
         raise OutputError(f"could not write the report {path}: {exc.strerror or exc}; pick another --out") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
