@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellbatch.errors import ConfigError, InputFormatError, OutputError
+from cellbatch.errors import InputFormatError, InputNotFoundError, OutputError
 from cellbatch.report.outdir import cell_class, cell_rows, open_arrays, read_out
 
 
@@ -38,7 +38,7 @@ def export_images(out: str | Path, dest: str | Path, *, array: str, slides: Sequ
     chosen = [s for s in on_disk if not slides or any(fnmatch.fnmatchcase(s.name, p) for p in slides)]
     if not chosen:
         names = ", ".join(s.name for s in on_disk[:10]) or "none"
-        raise ConfigError(f"no slide of {out} matches --slides {' '.join(slides)}: its slides are {names}")
+        raise InputNotFoundError(f"no slide of {out} matches --slides {' '.join(slides)}: its slides are {names}")
     dest = Path(dest)
     wanted = set(classes)
     images, skipped = 0, []
