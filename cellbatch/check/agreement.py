@@ -431,7 +431,7 @@ def summarise_run(slides: Mapping[str, Mapping[str, Any]], *, min_agreement: flo
         }
     classes = summaries[0]["confusion"]["classes"]
     if any(s["confusion"]["classes"] != classes for s in summaries):
-        raise InputFormatError("slides were checked with classifiers of different classes: re-check them all at once")
+        raise ConfigError("slides were checked with classifiers of different classes: re-check them all at once")
     matrix = sum(np.asarray(s["confusion"]["matrix"], np.int64) for s in summaries)
     run = summarise(
         matrix,
