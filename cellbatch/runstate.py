@@ -19,8 +19,8 @@ from typing import Any
 
 from cellbatch import __version__
 from cellbatch.atomic import write_json_atomic
-from cellbatch.safepath import output_errors
 from cellbatch.errors import ExitCode
+from cellbatch.safepath import output_errors
 
 RUNNING, INTERRUPTED, FINISHED = "running", "interrupted", "finished"
 SKIP_REASON = "output complete and inputs, model and settings unchanged (use --force to redo)"
