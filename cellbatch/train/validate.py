@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cellbatch.detect.base import CYTOPLASM, NUCLEUS, DetectSettings
+from cellbatch.atomic import write_bytes_atomic
+from cellbatch.detect.base import CYTOPLASM, NUCLEUS
 
 HM_PROFILE_NAME = "hm-baseline.json"
 MONTAGE_DIR = "montage"
@@ -49,9 +50,9 @@ class ValidationSet:
 
 
 def _detector(cell_diameter: float):
-    from cellbatch.detect.threshold import ThresholdDetector
+    from cellbatch.registry import make_detector
 
-    return ThresholdDetector(DetectSettings(cell_diameter=cell_diameter))
+    return make_detector("threshold", cell_diameter=cell_diameter)
 
 
 def validation_set(
@@ -95,7 +96,5 @@ def montage(val: ValidationSet, generated: np.ndarray, path: Path, *, cells: int
         [np.concatenate([val.source[i], gap, generated[i], gap, val.target[i]], axis=1) for i in rows], axis=0
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    iio.imwrite(tmp, image)
-    tmp.replace(path)
+    write_bytes_atomic(path, iio.imwrite("<bytes>", image, extension=".png"))
     return path
