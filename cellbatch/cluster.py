@@ -20,7 +20,7 @@ import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
-from cellbatch.errors import ClusterLostError, ConfigError, UsageError
+from cellbatch.errors import ClusterLostError, UnavailableError, UsageError
 
 DEFAULT_NO_WORKERS_TIMEOUT = 300.0
 """Seconds a run waits for a worker to come back when Dask's ``no-workers-timeout`` is unset (the
@@ -65,7 +65,7 @@ def connect_timeout() -> float:
 
 def probe_scheduler(address: str, timeout: float) -> None:
     """Connect to ``address`` and complete Dask's handshake within ``timeout`` seconds, or raise
-    :class:`ConfigError` (exit code 3) saying whether nothing answered or something that is not a scheduler.
+    :class:`UnavailableError` (exit code 3) saying whether nothing answered or something that is not a scheduler.
 
     ``distributed.Client`` bounds the connection but not the handshake that follows it, so a service
     that accepts the connection and then waits for an HTTP request would keep it waiting forever.
@@ -81,12 +81,12 @@ def probe_scheduler(address: str, timeout: float) -> None:
         try:
             pool.submit(asyncio.run, handshake()).result()
         except (TimeoutError, asyncio.TimeoutError) as exc:
-            raise ConfigError(
+            raise UnavailableError(
                 f"{address} did not answer as a Dask scheduler within {timeout:g} s (is it the dashboard's "
                 f"HTTP port, or another service?): start a scheduler there, check --scheduler, or drop it"
             ) from exc
         except OSError as exc:
-            raise ConfigError(
+            raise UnavailableError(
                 f"no Dask scheduler answers at {address}: start one or drop --scheduler ({exc})"
             ) from exc
 

@@ -8,8 +8,6 @@ from typing import Any
 
 import click
 
-from cellbatch.errors import UsageError
-
 F = Callable[..., Any]
 
 
@@ -46,7 +44,7 @@ def _known_detector(ctx: click.Context, param: click.Parameter, name: str) -> st
     from cellbatch.registry import detectors
 
     if name not in detectors.names():
-        raise UsageError(detectors.unknown(name))
+        raise click.UsageError(detectors.unknown(name), ctx)
     return name
 
 
