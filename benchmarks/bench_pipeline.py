@@ -92,7 +92,7 @@ def load_stages(model: Path, profile: Path, classifier: Path, *, device: str, pr
     settings = RunSettings(extract=ExtractSettings(), batch_size=batch_size, device=device, precision=precision,
                            normalise=(f"hm:{profile}", "display"))
     return api_load_stages(settings, model=model, model_sha256=None, classifier=classifier, classes=None,
-                           reference=None, min_agreement=None, min_confidence=0.0)
+                           reference=None, min_agreement=None, min_confidence=0.0, max_unsure=1.0)
 
 
 def time_stages(stages: Any, crops: np.ndarray, masks: np.ndarray, batch_size: int) -> float:
