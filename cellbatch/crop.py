@@ -12,7 +12,7 @@ import numpy as np
 from cellbatch.detect.base import BACKGROUND
 
 # The crop side in pixels: a run's default (``--crop-size``), the pairs cut for training, a model
-# export's trace input, and the classifier contract's input (DESIGN.md). Defined here only.
+# export's trace input, and the classifier contract's input (docs/model-files.md). Defined here only.
 CROP_SIZE = 256
 
 

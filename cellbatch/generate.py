@@ -1,6 +1,6 @@
 """Run a TorchScript generator over batches of crops.
 
-The model contract (DESIGN.md): float RGB (N, 3, H, W) in ``input_range`` in, the same shape in
+The model contract (docs/model-files.md): float RGB (N, 3, H, W) in ``input_range`` in, the same shape in
 ``output_range`` out, H and W multiples of ``tile_multiple``. Crops are padded to that multiple by
 reflection (so the network sees plausible context, not a hard edge) and cropped back.
 """

@@ -41,7 +41,7 @@ RBC_PER_WBC = 75.0 / 110.0
 PLATELET_PER_WBC = (20.0 / 110.0, 30.0 / 110.0)
 
 # DM96 look (May-Grünwald-Giemsa under halogen light), RGB at full stain density; measured by eye and
-# by percentile means on the PBC DM96 images (../shared/data/pbc).
+# by percentile means on the PBC DM96 images (the PBC data set, Acevedo et al. 2020; docs/synth.md).
 BACKGROUND_RGB = np.array([252.0, 231.0, 204.0], dtype=np.float32)
 RBC_RGB = (202.0, 158.0, 162.0)
 PLATELET_RGB = (150.0, 95.0, 160.0)

@@ -1,4 +1,4 @@
-"""Write one slide's results: cells.csv, cells.zarr, provenance.json (contract: DESIGN.md).
+"""Write one slide's results: cells.csv, cells.zarr, provenance.json (contract: README "Output layout").
 
 Everything goes to a hidden staging folder inside OUT and is renamed into place when the slide is
 complete, so a slide folder appears whole or not at all, even when the process is killed. Crops are

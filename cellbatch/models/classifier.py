@@ -1,6 +1,6 @@
 """A small white-cell classifier for the agreement check, and how to train and export it.
 
-The network honours the classifier contract (DESIGN.md): float RGB (N, 3, 256, 256) in [0, 1] in,
+The network honours the classifier contract (docs/model-files.md): float RGB (N, 3, 256, 256) in [0, 1] in,
 logits (N, K) out. It averages the crop down by ``downsample`` first (256 -> 64 by default) and
 then runs four conv-BN-ReLU blocks and a global average pool, so it trains in minutes on a CPU. The
 averaging is part of the exported graph, so callers always pass full 256x256 crops; training runs it
