@@ -38,6 +38,39 @@ def test_generator_has_seven_halving_encoders_and_uses_every_skip() -> None:
     assert x.grad is not None and x.grad[0, :, 62:67, 62:67].abs().sum() > 0
 
 
+def _thesis_decoder_forward(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A decoder block as the thesis writes it: upsample, then the 5x5 transposed convolution."""
+    x = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    return block.act(block.norm(block.conv(x)))
+
+
+def _with_random_batch_norm(g: UNetGenerator, seed: int) -> UNetGenerator:
+    gen = torch.Generator().manual_seed(seed)
+    for m in g.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t, lo, hi in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0), (m.weight.data, 0.5, 1.5),
+                              (m.bias.data, -0.2, 0.2)):
+                t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
+    return g
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_phase_decoder_is_upsample_then_transposed_convolution(training: bool) -> None:
+    # Same function and same gradients as the thesis's formulation, in training (batch statistics)
+    # and in eval mode (batch norm folded into the phase convolution).
+    torch.manual_seed(0)
+    g = _with_random_batch_norm(UNetGenerator(base_filters=4), seed=1).train(training)
+    for block in [*g.decoders, g.output]:
+        x = torch.randn(2, block.conv.in_channels, 8, 12, requires_grad=True)
+        want = _thesis_decoder_forward(block, x)
+        (grad_want,) = torch.autograd.grad(want.square().sum(), x)
+        got = block(x)
+        (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+        assert got.shape == want.shape == (2, block.conv.out_channels, 16, 24)
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+        assert torch.allclose(grad_got, grad_want, atol=1e-4)
+
+
 def test_generator_width_sets_parameter_count() -> None:
     # 5x5 kernels throughout, widths base x (1, 2, 4, 8, 8, 8, 8): count grows with the square of the width.
     assert count_parameters(UNetGenerator(base_filters=8)) == 1_023_723

@@ -6,9 +6,22 @@ ReLU), each decoder block after the first reading the matching encoder output th
 connection. Upsampling and convolution are separate operations because a stride-2 transposed
 convolution leaves checkerboard artefacts (thesis 3.6.1). The last block ends in ``tanh``: input and
 output are float RGB (N, 3, H, W) in [-1, 1], with H and W multiples of 2**7 = 128.
+
+A decoder block computes "nearest 2x upsampling, then 5x5 transposed convolution" without building
+the upsampled image: each of the four output phases (even/odd row, even/odd column) sees only a 3x3
+neighbourhood of the input, with the 5x5 taps that land on the same input pixel summed, so the
+block is one 3x3 convolution with four times the output channels followed by a pixel shuffle
+(:func:`phase_weights`). The result is the same function, with the same parameters (the transposed
+convolution's weight stays where checkpoints expect it), at 36 % of the multiply-adds and without
+the upsampled copy: a thesis-size generator runs 2.7x faster in bf16 on a 2-core CPU (12.5 ms a
+crop instead of 34; ``benchmarks/bench_pipeline.py``), and trains faster too. In eval mode the batch
+norm is folded into that convolution, so an exported graph is convolutions, shuffles and
+activations only.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +63,69 @@ class DecoderBlock(nn.Module):
         self.act: nn.Module = nn.Tanh() if last else nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # By scale factor, not by size: a traced graph then stays valid for every input size.
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.act(self.norm(self.conv(x)))
+        if self.training and isinstance(self.norm, nn.BatchNorm2d):  # batch statistics of the shuffled image
+            bias = None if self.conv.bias is None else self.conv.bias.repeat_interleave(4)
+            y = F.pixel_shuffle(F.conv2d(x, phase_weights(self.conv.weight), bias, padding=1), 2)
+            return self.act(self.norm(y))
+        weight, bias = self.phase_convolution()
+        return self.act(F.pixel_shuffle(F.conv2d(x, weight, bias, padding=1), 2))
+
+    def phase_convolution(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias of this block's 3x3 phase convolution, with the eval-mode batch norm folded in."""
+        weight = phase_weights(self.conv.weight)
+        bias = None if self.conv.bias is None else self.conv.bias.repeat_interleave(4)
+        if isinstance(self.norm, nn.BatchNorm2d):
+            weight, bias = _fold_batch_norm(weight, bias, self.norm)
+        return weight, bias
+
+
+class FrozenDecoderBlock(nn.Module):
+    """An eval-mode :class:`DecoderBlock` with its phase convolution computed once (for export)."""
+
+    def __init__(self, block: DecoderBlock) -> None:
+        super().__init__()
+        with torch.no_grad():
+            weight, bias = block.phase_convolution()
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.act = block.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(F.pixel_shuffle(F.conv2d(x, self.weight, self.bias, padding=1), 2))
+
+
+# Which of the 5 taps of a 5x5 kernel, applied to a nearest-2x-upsampled image, read input row
+# i-1, i and i+1 for an output row of even (0) and odd (1) phase.
+_PHASE_TAPS = torch.tensor([
+    [[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]],
+    [[1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 1, 1]],
+], dtype=torch.float32)
+
+
+def phase_weights(transposed: torch.Tensor) -> torch.Tensor:
+    """The 3x3 convolution weight equal to nearest 2x upsampling then a 5x5 transposed convolution.
+
+    ``transposed`` is a stride-1, padding-2 ``ConvTranspose2d`` weight (in, out, 5, 5); the result
+    (4 * out, in, 3, 3), applied with padding 1 and followed by ``pixel_shuffle(2)``, gives the same
+    output. A stride-1 transposed convolution is the convolution with the kernel flipped and its
+    channel axes swapped; output channel ``4c + 2a + b`` is channel c at row phase a, column phase b.
+    """
+    kernel = transposed.flip(2, 3).transpose(0, 1)  # as a plain convolution: (out, in, 5, 5)
+    taps = _PHASE_TAPS.to(kernel.dtype).to(kernel.device)
+    phased = torch.einsum("aik,ockl,bjl->oabcij", taps, kernel, taps)  # (out, 2, 2, in, 3, 3)
+    return phased.reshape(-1, *phased.shape[3:])
+
+
+def _fold_batch_norm(
+    weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.BatchNorm2d
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a phase convolution with the eval-mode batch norm after its shuffle folded in."""
+    assert norm.running_var is not None and norm.running_mean is not None
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    scale, shift = scale.repeat_interleave(4), shift.repeat_interleave(4)
+    folded_bias = shift if bias is None else bias * scale + shift
+    return weight * scale.view(-1, 1, 1, 1), folded_bias
 
 
 class UNetGenerator(nn.Module):
@@ -97,6 +170,18 @@ class UNetGenerator(nn.Module):
         if residual:
             nn.init.zeros_(self.output.conv.weight)
             nn.init.zeros_(self.output.conv.bias)
+
+    def for_inference(self) -> UNetGenerator:
+        """An eval-mode copy whose decoders hold their phase convolutions as constants.
+
+        The same function as ``self.eval()``; a traced graph of it has no weight arithmetic left
+        for every call to redo (tracing records operations, it does not fold them).
+        """
+        frozen = copy.deepcopy(self).eval()
+        for i, block in enumerate(frozen.decoders):
+            frozen.decoders[i] = FrozenDecoderBlock(block)
+        frozen.output = FrozenDecoderBlock(frozen.output)
+        return frozen
 
     @property
     def architecture(self) -> str:
