@@ -56,7 +56,8 @@ def to_range(crops: Any, value_range: tuple[float, float]) -> Any:
     import torch
 
     lo, hi = value_range
-    return crops.permute(0, 3, 1, 2).to(torch.float32) * ((hi - lo) / 255.0) + lo
+    # in place on the one new tensor: each further full-size temporary costs as much as the arithmetic
+    return crops.permute(0, 3, 1, 2).to(torch.float32).mul_((hi - lo) / 255.0).add_(lo)
 
 
 def from_range(x: Any, value_range: tuple[float, float]) -> Any:
@@ -148,7 +149,9 @@ def check_output(y: Any, expected_shape: tuple[int, ...], path: Path) -> None:
         )
     if not y.is_floating_point():
         raise ModelError(f"model {path} returned dtype {y.dtype}: a generator must return floats")
-    if not bool(torch.isfinite(y).all()):
+    # One reduction instead of an elementwise test (a third of the post-processing time on a CPU): the
+    # sum is finite exactly when every value is, short of values near 1e38 that no image model returns.
+    if not bool(torch.isfinite(y.sum(dtype=torch.float32))):
         raise ModelError(f"model {path} returned NaN or infinite values: the model file is broken")
 
 
