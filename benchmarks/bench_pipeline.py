@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo-model" / "demo-l1net.pt"
+STARTUP_CAPTURES = 4  # a run this small is all start-up: its time is what every run pays once
 
 
 def machine(device: str) -> str:
@@ -52,13 +54,24 @@ def machine(device: str) -> str:
             f"torch threads {torch.get_num_threads()}")
 
 
-def make_inputs(tmp: Path, captures: int) -> tuple[Path, Path]:
-    """A slide of DM1200-look captures and an HM profile fitted on other synthetic captures."""
+def make_inputs(tmp: Path, captures: int, *, image_format: str = "jpeg") -> tuple[Path, Path]:
+    """A slide of DM1200-look captures and an HM profile fitted on other synthetic captures.
+
+    ``jpeg`` (quality 95) is what analysers export; ``png`` keeps the synthetic captures as written,
+    whose sensor noise makes them expensive to decode (about 9 ms against 1-2 ms for the JPEG).
+    """
+    import cv2
+
     from cellbatch.normalise.hm import fit_hm
     from cellbatch.normalise.profile import write_profile
     from cellbatch.synth import synth_capture, write_synth
 
     write_synth(tmp / "synth", count=captures, seed=0, looks=("dm1200",))
+    if image_format == "jpeg":
+        for png in sorted((tmp / "synth" / "dm1200").glob("*.png")):
+            image = cv2.imread(str(png), cv2.IMREAD_COLOR)
+            cv2.imwrite(str(png.with_suffix(".jpg")), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            png.unlink()
     rng = np.random.default_rng(99)
     fit = [synth_capture(rng) for _ in range(6)]
     profile = write_profile(tmp / "hm.json", method="hm", fit={},
@@ -122,7 +135,16 @@ def bench_device_stages(full: Any, crops: np.ndarray, masks: np.ndarray, batch_s
     return seconds
 
 
-def bench_run(slide_dir: Path, out: Path, model: Path, profile: Path, classifier: Path, *, device: str,
+def first_captures(slide_dir: Path, tmp: Path, count: int) -> Path:
+    """A slide of the first ``count`` captures of ``slide_dir`` (hard links), to time a run's start-up."""
+    small = tmp / "start-up" / slide_dir.name
+    small.mkdir(parents=True)
+    for path in sorted(p for p in slide_dir.iterdir() if p.is_file())[:count]:
+        os.link(path, small / path.name)
+    return small
+
+
+def bench_run(slide_dir: Path, out: Path, *, model: Path, profile: Path, classifier: Path, device: str,
               precision: str, batch_size: int | str, workers: int | None, processes: int) -> tuple[float, int, dict]:
     """(c): whole-run seconds, cells, and the run's summary."""
     from cellbatch.api import convert
@@ -185,7 +207,10 @@ def target_lines(kind: str | None, rows: dict[str, float], result: dict[str, Any
         return []
     if kind == "cpu":
         checks = [("(c) / min(a, b chained) >= 0.9", result["ratio_run_over_slowest"], 0.9, True),
-                  ("whole run ms per cell <= 25", 1000 * rows["(c) whole run"], 25.0, False)]
+                  ("(c) past start-up / min(a, b chained) >= 0.9", result["ratio_past_startup"], 0.9, True),
+                  ("whole run ms per cell <= 25", 1000 * rows["(c) whole run"], 25.0, False),
+                  ("whole run past start-up ms per cell <= 25", 1000 * rows["(c) whole run, past start-up"], 25.0,
+                   False)]
     else:
         checks = [("generator alone crops/s >= 6000", 1 / rows["(b) generator"], 6000.0, True),
                   ("(c) / (a) >= 0.85", rows["(a) read+detect+crop"] / rows["(c) whole run"], 0.85, True)]
@@ -195,7 +220,9 @@ def target_lines(kind: str | None, rows: dict[str, float], result: dict[str, Any
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--captures", type=int, default=48)
+    parser.add_argument("--captures", type=int, default=400, help="captures in the slide (start-up is timed apart)")
+    parser.add_argument("--format", choices=["jpeg", "png"], default="jpeg",
+                        help="capture files: jpeg (what analysers export) or png (slow to decode: sensor noise)")
     parser.add_argument("--base-filters", type=int, default=32, help="generator width (32: thesis size, 16 M)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto")
@@ -209,6 +236,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    from cellbatch.threads import prefer_passive_openmp
+
+    prefer_passive_openmp()  # as the CLI does, before torch loads
+
     from cellbatch.api import resolve_batch_size
     from cellbatch.export import export_generator, generator_metadata, untrained_generator
     from cellbatch.generate import resolve_device
@@ -220,7 +251,7 @@ def main() -> None:
     result: dict[str, Any] = {"machine": machine(device), "device": device, "precision": precision}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        slide_dir, profile = make_inputs(tmp, args.captures)
+        slide_dir, profile = make_inputs(tmp, args.captures, image_format=args.format)
         net = untrained_generator(base_filters=args.base_filters, seed=0)
         model = export_generator(net, tmp / "model.pt", metadata=generator_metadata(net, trained=False))["torchscript"]
         classifier = export_classifier(ClassifierNet(8).eval(), tmp / "clf.pt", classes=[f"c{i}" for i in range(8)],
@@ -230,21 +261,26 @@ def main() -> None:
         stages = load_stages(model, profile, classifier, device=device, precision=precision, batch_size=16)
         batch_size = resolve_batch_size(args.batch_size, stages, crop_size=crops.shape[1])
         device_s = bench_device_stages(stages, crops, masks, batch_size)
-        run_s, run_cells, _ = bench_run(slide_dir, tmp / "out", model, profile, classifier, device=device,
-                                        precision=precision, batch_size=batch_size, workers=args.workers,
-                                        processes=args.processes)
+        run_args = dict(model=model, profile=profile, classifier=classifier, device=device, batch_size=batch_size,
+                        workers=args.workers, processes=args.processes)
+        small = first_captures(slide_dir, tmp, STARTUP_CAPTURES)
+        startup_s, startup_cells, _ = bench_run(small, tmp / "out-small", precision=precision, **run_args)
+        run_s, run_cells, _ = bench_run(slide_dir, tmp / "out", precision=precision, **run_args)
         rows = {"(a) read+detect+crop": extract_s / n_cells}
         rows.update({f"(b) {name}": s / n_cells for name, s in device_s.items()})
         rows["(c) whole run"] = run_s / run_cells
+        # start-up (imports, model self-test, cluster) is paid once per run, whatever its size
+        rows["(c) whole run, past start-up"] = (run_s - startup_s) / (run_cells - startup_cells)
         if not args.no_fp32_run and precision != "fp32":
-            fp32_s, fp32_cells, _ = bench_run(slide_dir, tmp / "out32", model, profile, classifier, device=device,
-                                              precision="fp32", batch_size=batch_size, workers=args.workers,
-                                              processes=args.processes)
+            fp32_s, fp32_cells, _ = bench_run(slide_dir, tmp / "out32", precision="fp32", **run_args)
             rows["(c) whole run at fp32"] = fp32_s / fp32_cells
+            rows["(c) at fp32, past start-up"] = (fp32_s - startup_s) / (fp32_cells - startup_cells)
         slowest = max(rows["(a) read+detect+crop"], rows["(b) chained"])
         result.update({
             "captures": n_captures, "cells": n_cells, "base_filters": args.base_filters, "batch_size": batch_size,
+            "image_format": args.format, "startup_seconds": startup_s,
             "seconds_per_cell": rows, "ratio_run_over_slowest": slowest / rows["(c) whole run"],
+            "ratio_past_startup": slowest / rows["(c) whole run, past start-up"],
         })
         if not args.no_parity and precision != "fp32":
             result["parity"] = parity(crops, train_cell_classifier(tmp), precision=precision, device=device)
@@ -256,8 +292,11 @@ def main() -> None:
           f"{device} at {precision}, batch {batch_size}")
     print(f"{'stage':28} {'cells/s':>9} {'ms/cell':>9} {'captures/s':>11}")
     for name, spc in rows.items():
-        print(f"{name:28} {1 / spc:9.1f} {1000 * spc:9.2f} {n_captures / n_cells / spc:11.2f}")
-    print(f"ratio (c) / min(a, b chained) = {result['ratio_run_over_slowest']:.3f}")
+        print(f"{name:30} {1 / spc:9.1f} {1000 * spc:9.2f} {n_captures / n_cells / spc:11.2f}")
+    print(f"start-up (a run of {STARTUP_CAPTURES} captures): {result['startup_seconds']:.1f} s; "
+          f"capture files: {args.format}")
+    print(f"ratio (c) / min(a, b chained) = {result['ratio_run_over_slowest']:.3f} whole run, "
+          f"{result['ratio_past_startup']:.3f} past start-up")
     for line in target_lines(args.targets, rows, result):
         print(line)
     if "parity" in result:
