@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from cellbatch import __version__
 from cellbatch.crop import CROP_SIZE
-from cellbatch.errors import ConfigError, InputNotFoundError, Interrupted, UnavailableError
+from cellbatch.errors import CellbatchError, ConfigError, InputNotFoundError, Interrupted, UnavailableError
 from cellbatch.extract import ExtractSettings
-from cellbatch.pipeline import RunSettings, Stages, base_provenance, run_slides
+from cellbatch.pipeline import RunSettings, Stages, base_provenance, count_captures, run_slides
 from cellbatch.provenance import utc_now
+from cellbatch.registry import detectors
 from cellbatch.runstate import FINISHED, INTERRUPTED, RunReport
 from cellbatch.shard import SharedRunReport, SlideClaims
 
@@ -55,7 +56,7 @@ def convert(
     max_unsure: float = 0.5,
     scheduler: str | None = None,
     workers: int | None = None,
-    processes: int = 0,
+    processes: int | str = "auto",
     threads: int | None = None,
     force: bool = False,
     shard: tuple[int, int] | None = None,
@@ -76,7 +77,7 @@ def convert(
     With ``shard=(I, N)`` the run does its share of the slides beside other runs into the same
     ``out`` (see :mod:`cellbatch.shard`): the report lists its own slides, ``out/run.json`` all of them.
     """
-    from cellbatch.threads import apply_budget, prefer_passive_openmp, thread_budget
+    from cellbatch.threads import apply_budget, prefer_passive_openmp, thread_budget, worker_processes
 
     prefer_passive_openmp()  # before torch loads, when convert is the first to import it
     from cellbatch.cluster import check_scheduler_address
@@ -115,6 +116,12 @@ def convert(
     if batch_size == "auto":
         chosen = resolve_batch_size("auto", stages, crop_size=settings.extract.crop_size)
         settings = replace(settings, batch_size=chosen)
+    processes, processes_why = worker_processes(
+        processes, cores=budget.cores, remote=bool(scheduler),
+        generator_on_cpu=stages.generator is not None and not resolved.startswith("cuda"),
+        detector_importable=detectors.importable_everywhere(detector),
+        captures=lambda: _captures_or_none(source_paths, out))
+    settings = replace(settings, processes=processes)
     check_writable(out)
     report_type = RunReport if shard is None else SharedRunReport
     report = report_type(out=out, command=list(command or []), started=utc_now(), min_agreement=min_agreement)
@@ -134,6 +141,7 @@ def convert(
             dask_client(scheduler, budget.dask_workers, processes=processes) as client, \
             shard_claims(out, shard) as claims:
         log.info("cellbatch %s: %s", __version__, " ".join(report.command))
+        log.info("CPU stage: %s", processes_why)
         for note in report.notes:
             log.warning(note)
         if scheduler and stages.generator is not None:
@@ -330,6 +338,15 @@ def load_check(
         device=settings.device,
         precision=settings.precision,
     )
+
+
+def _captures_or_none(sources: list[Path], out: Path) -> int:
+    """The run's capture count for ``--processes auto``; 0 (threads) when listing fails here, where the
+    run itself reports what it cannot read, slide by slide."""
+    try:
+        return count_captures(sources, exclude=(out,))
+    except (CellbatchError, OSError):
+        return 0
 
 
 @contextmanager

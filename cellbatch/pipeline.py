@@ -657,6 +657,11 @@ def _release(claims: Any, plan: SlidePlan) -> None:
         claims.release(plan.name)
 
 
+def count_captures(sources: list[Path], *, exclude: tuple[Path, ...] = ()) -> int:
+    """Captures (files or frames) in every slide of ``sources``, as a run would list them."""
+    return sum(_capture_count(slide) for slide, _ in slide_names(sources, exclude=exclude))
+
+
 def _capture_count(slide: Slide) -> int:
     """Captures in a slide, for the progress total; 0 for a slide that will fail validation."""
     if slide.kind != "zarr":

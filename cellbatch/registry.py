@@ -38,18 +38,24 @@ class Registry:
         for ep in entry_points(group=f"cellbatch.{kind}"):
             self._targets.setdefault(ep.name, ep.value)
         self._loaded: dict[str, Any] = {}
+        self._installed = set(self._targets)  # built-ins and entry points: any process finds these
 
     def names(self) -> list[str]:
         return sorted(self._targets)
 
     def register(self, name: str, target: str | Any) -> None:
         """Add an entry at run time: a ``"module:attr"`` string or the object itself."""
+        self._installed.discard(name)
         if isinstance(target, str):
             self._targets[name] = target
             self._loaded.pop(name, None)
         else:
             self._targets[name] = f"{target.__module__}:{target.__qualname__}"
             self._loaded[name] = target
+
+    def importable_everywhere(self, name: str) -> bool:
+        """Whether a fresh process (a Dask worker) finds ``name`` the same way: not registered at run time."""
+        return name in self._installed
 
     def unknown(self, name: str) -> str:
         """The message for a name this registry does not hold."""

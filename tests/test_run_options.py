@@ -45,6 +45,8 @@ def toy_detector():
         (["--min-agreement", "0.8"], "need --classifier"),
         (["--model-sha256", "ab" * 32], "--model-sha256 needs --model"),
         (["--crop-size", "16"], "--crop-size 16"),
+        (["--processes", "many"], "neither a number of worker processes"),
+        (["--processes", "-1"], "neither a number of worker processes"),
     ],
 )
 def test_bad_command_lines_exit_2_with_a_usage_line_before_any_capture_is_read(tmp_path, cellbatch, extra, message):

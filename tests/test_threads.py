@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from cellbatch.threads import available_cores, cgroup_cpu_quota, omp_threads, thread_budget
+from cellbatch.threads import (
+    PROCESS_MIN_CAPTURES,
+    available_cores,
+    cgroup_cpu_quota,
+    omp_threads,
+    thread_budget,
+    worker_processes,
+)
 
 FOUR = {0, 1, 2, 3}
 
@@ -119,3 +126,35 @@ def test_native_pools_are_quietened_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
     prefer_passive_openmp()
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["OPENBLAS_NUM_THREADS"] == "4"
+
+
+def _processes(processes="auto", *, cores=2, remote=False, generator_on_cpu=False, importable=True, captures=5000):
+    def count():
+        if captures is None:
+            raise AssertionError("the inputs were listed although nothing else favoured processes")
+        return captures
+
+    return worker_processes(processes, cores=cores, remote=remote, generator_on_cpu=generator_on_cpu,
+                            detector_importable=importable, captures=count)[0]
+
+
+def test_auto_processes_only_when_the_cpu_stage_sets_the_pace_of_a_large_run():
+    assert _processes() == 2
+    assert _processes(cores=16) == 16
+    assert _processes(captures=PROCESS_MIN_CAPTURES - 1) == 0  # start-up would eat the gain
+    assert _processes(generator_on_cpu=True, captures=None) == 0  # the generator sets the pace
+    assert _processes(cores=1, captures=None) == 0
+    assert _processes(remote=True, captures=None) == 0
+    assert _processes(importable=False, captures=None) == 0  # a run-time plugin is not there in a new process
+    assert _processes(3, captures=None) == 3 and _processes(0, captures=None) == 0
+
+
+def test_a_detector_registered_at_run_time_is_not_importable_in_workers():
+    from cellbatch.registry import Registry
+
+    registry = Registry("detectors")
+    assert registry.importable_everywhere("threshold")
+    registry.register("mine", "somewhere:Detector")
+    assert not registry.importable_everywhere("mine")
+    registry.register("threshold", "cellbatch.detect.threshold:ThresholdDetector")
+    assert not registry.importable_everywhere("threshold")  # replaced at run time

@@ -46,6 +46,26 @@ class BatchSize(click.ParamType):
 BATCH_SIZE = BatchSize()
 
 
+class Processes(click.ParamType):
+    """A number of worker processes (0: threads), or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if value == "auto" or isinstance(value, int) and value >= 0:
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = -1
+        if number < 0:
+            self.fail(f"{value!r} is neither a number of worker processes (0: threads) nor auto", param, ctx)
+        return number
+
+
+PROCESSES = Processes()
+
+
 @click.command("run", cls=Command)
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("cellbatch-out"), show_default=True,
@@ -71,8 +91,9 @@ BATCH_SIZE = BatchSize()
 @threads_option
 @click.option("--workers", type=click.IntRange(min=1),
               help="Local threads for the CPU stages (default: one per core of --threads).")
-@click.option("--processes", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Run the CPU stages in N local worker processes instead of threads (scales on many cores).")
+@click.option("--processes", type=PROCESSES, default="auto", show_default=True,
+              help="Run the CPU stages in N local worker processes instead of threads (0: threads). auto: one "
+              "per core when they pay (1,000 captures or more, no generator on the CPU), else threads.")
 @click.option("--force", is_flag=True, help="Redo every slide, even those whose output is complete and unchanged.")
 @click.option("--report", "write_report", is_flag=True,
               help="Write OUT/report.html at the end (run header, slides, montages, heat maps).")
