@@ -26,44 +26,28 @@ from cellbatch.cli.options import (
 from cellbatch.crop import CROP_SIZE
 
 
-class BatchSize(click.ParamType):
-    """A positive number of crops, or ``auto``."""
+class NumberOrAuto(click.ParamType):
+    """A whole number of at least ``minimum`` (``what`` names it in the error), or ``auto``."""
 
     name = "N|auto"
 
+    def __init__(self, minimum: int, what: str) -> None:
+        self.minimum, self.what = minimum, what
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
-        if value == "auto" or isinstance(value, int) and value >= 1:
+        if value == "auto" or isinstance(value, int) and value >= self.minimum:
             return value
         try:
             number = int(value)
         except (TypeError, ValueError):
-            number = 0
-        if number < 1:
-            self.fail(f"{value!r} is neither a positive number of crops nor auto", param, ctx)
+            number = self.minimum - 1
+        if number < self.minimum:
+            self.fail(f"{value!r} is neither {self.what} nor auto", param, ctx)
         return number
 
 
-BATCH_SIZE = BatchSize()
-
-
-class Processes(click.ParamType):
-    """A number of worker processes (0: threads), or ``auto``."""
-
-    name = "N|auto"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
-        if value == "auto" or isinstance(value, int) and value >= 0:
-            return value
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            number = -1
-        if number < 0:
-            self.fail(f"{value!r} is neither a number of worker processes (0: threads) nor auto", param, ctx)
-        return number
-
-
-PROCESSES = Processes()
+BATCH_SIZE = NumberOrAuto(1, "a positive number of crops")
+PROCESSES = NumberOrAuto(0, "a number of worker processes (0: threads)")
 
 
 @click.command("run", cls=Command)
