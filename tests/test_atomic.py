@@ -89,6 +89,9 @@ def test_signals_wait_until_a_deferred_block_is_done(receiver):
     helper.start()
     target = threading.main_thread() if receiver == "main thread" else helper
     order = []
+    # Python's own handler, whatever this process inherited: a shell starts background jobs with
+    # SIGINT ignored, and an ignored signal is rightly still ignored after the block
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             with signals_deferred():
@@ -96,6 +99,21 @@ def test_signals_wait_until_a_deferred_block_is_done(receiver):
                 time.sleep(0.2)
                 order.append("block finished")
     finally:
+        signal.signal(signal.SIGINT, previous)
         stop.set()
         helper.join()
     assert order == ["block finished"]
+
+
+def test_a_signal_the_process_ignores_stays_ignored_after_a_deferred_block():
+    import signal
+
+    from cellbatch.atomic import signals_deferred
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup ... & from a script
+    try:
+        with signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
