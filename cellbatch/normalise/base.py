@@ -30,3 +30,19 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     """Split ``"hm:profile.json"`` into ``("hm", "profile.json")``; ``"display"`` into ``("display", None)``."""
     name, sep, arg = spec.partition(":")
     return name.strip(), (arg if sep else None)
+
+
+def planar(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, H*W) float32: per-pixel colour arithmetic then runs over long contiguous rows."""
+    return image.reshape(-1, 3).T.astype(np.float32, order="C")
+
+
+def to_image(planes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(3, H*W) float32 colours (modified in place) -> (H, W, 3) uint8, rounded and clipped."""
+    import cv2
+
+    h, w = shape[:2]
+    planes += 0.5
+    np.clip(planes, 0, 255, out=planes)
+    # OpenCV interleaves the three planes several times faster than a numpy transpose copy
+    return cv2.merge([plane.reshape(h, w) for plane in planes.astype(np.uint8)])

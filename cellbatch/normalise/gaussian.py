@@ -30,7 +30,7 @@ import numpy as np
 RIDGE = 1.0
 
 # (i, j) of the upper triangle of a 3x3 matrix, to accumulate outer products with 6 bincounts.
-_TRIU = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
+UPPER_TRIANGLE = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class ColourStats:
         self.count += np.bincount(lab, minlength=k)[:k]
         for c in range(3):
             self.sum[:, c] += np.bincount(lab, weights=x[:, c], minlength=k)[:k]
-        for i, j in _TRIU:
+        for i, j in UPPER_TRIANGLE:
             s = np.bincount(lab, weights=x[:, i] * x[:, j], minlength=k)[:k]
             self.outer[:, i, j] += s
             if i != j:

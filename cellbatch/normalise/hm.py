@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from cellbatch.normalise.gaussian import ColourStats, Gaussians, monge_map
+from cellbatch.normalise.base import planar, to_image
+from cellbatch.normalise.gaussian import UPPER_TRIANGLE, ColourStats, Gaussians, monge_map
 from cellbatch.normalise.profile import read_profile
 
 if TYPE_CHECKING:
@@ -52,33 +53,57 @@ class SoftSettings:
     smooth_sigma: float = 1.0
 
 
+# Colours are centred on mid-grey before any product: the quadratic forms below then cancel with a
+# quarter of the float32 rounding they would have on raw 0-255 values.
+CENTRE = 127.5
+# Log-likelihoods are floored this far below each pixel's best class before exp(): smaller ratios
+# change no output level, and the denormal floats below e^-87 make every later blur several times slower.
+LOG_FLOOR = -60.0
+# the colour products u_i u_j of :func:`colour_features`, then u_0, u_1, u_2 and 1
+_PRODUCTS = UPPER_TRIANGLE
+N_FEATURES = len(_PRODUCTS) + 4
+
+
+def colour_features(planes: np.ndarray) -> np.ndarray:
+    """(3, P) float32 colours -> (10, P) float32 [u_i u_j for i <= j, u_0, u_1, u_2, 1], u = colour - CENTRE.
+
+    Every per-class Gaussian log-likelihood and every affine colour map is then one small matrix
+    times these rows: one BLAS call over long contiguous rows instead of a dozen numpy passes.
+    """
+    f = np.empty((N_FEATURES, planes.shape[1]), np.float32)
+    u = f[6:9]
+    np.subtract(planes, np.float32(CENTRE), out=u)
+    for row, (i, j) in enumerate(_PRODUCTS):
+        np.multiply(u[i], u[j], out=f[row])
+    f[9] = 1.0
+    return f
+
+
 class ClassLikelihood:
     """Log-likelihoods of pixel colours under K Gaussians.
 
-    Works on planar colours (3, P): one (3K, 3) matrix product whitens the pixels for every class at
-    once, and every later reduction runs over the short leading axis of long contiguous rows, which
-    is what keeps HM within its time budget.
+    log N(x | m, C) is a quadratic form in the centred colour u = x - CENTRE: with P = C^-1 and
+    d = m - CENTRE it is -0.5 u'Pu + (Pd)'u - 0.5 d'Pd - 0.5 log|C| (+ a constant shared by the
+    classes). ``coef`` holds those coefficients for :func:`colour_features`, so the K log-likelihoods
+    of every pixel are one (K, 10) matrix product.
     """
 
     def __init__(self, mean: np.ndarray, cov: np.ndarray, *, colour_sigma: float) -> None:
         k = mean.shape[0]
-        whiten = np.empty((3 * k, 3), np.float32)
-        offset = np.empty((3 * k, 1), np.float32)
-        self.log_norm = np.empty((k, 1), np.float32)
+        coef = np.zeros((k, N_FEATURES))
         for i in range(k):
             c = cov[i] + colour_sigma**2 * np.eye(3)
-            w = np.linalg.inv(np.linalg.cholesky(c))  # w @ c @ w.T = I
-            whiten[3 * i : 3 * i + 3] = w
-            offset[3 * i : 3 * i + 3, 0] = -(w @ mean[i])
-            self.log_norm[i] = -0.5 * np.linalg.slogdet(c)[1]
-        self.whiten, self.offset, self.k = whiten, offset, k
+            precision = np.linalg.inv(c)
+            d = np.asarray(mean[i], np.float64) - CENTRE
+            for row, (a, b) in enumerate(_PRODUCTS):
+                coef[i, row] = -0.5 * precision[a, a] if a == b else -precision[a, b]
+            coef[i, 6:9] = precision @ d
+            coef[i, 9] = -0.5 * d @ precision @ d - 0.5 * np.linalg.slogdet(c)[1]
+        self.coef, self.k = coef.astype(np.float32), k
 
     def __call__(self, planes: np.ndarray) -> np.ndarray:
         """(3, P) float32 colours -> (K, P) float32 log-likelihoods (up to a shared constant)."""
-        z = self.whiten @ planes
-        z += self.offset
-        z *= z
-        return -0.5 * z.reshape(self.k, 3, -1).sum(axis=1) + self.log_norm
+        return self.coef @ colour_features(planes)
 
 
 def class_probabilities(
@@ -114,10 +139,11 @@ def class_probabilities(
     """
     h, w = image.shape[:2]
     k = likelihood.k
-    log_lik = likelihood(_planar(image))
+    log_lik = likelihood(planar(image))
     # the shift by the best class keeps exp() in range; the prior is at least prior_floor / K, so
     # the product cannot underflow everywhere at once
     log_lik -= log_lik.max(axis=0)
+    np.maximum(log_lik, LOG_FLOOR, out=log_lik)
     p = np.exp(log_lik, out=log_lik)
     if labels is not None:
         onehot = (labels[None] == np.arange(k, dtype=labels.dtype)[:, None, None]).astype(np.float32)
@@ -129,16 +155,14 @@ def class_probabilities(
     return _blur(p.reshape(k, h, w), settings.smooth_sigma)
 
 
-def _planar(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, H*W) float32."""
-    return image.reshape(-1, 3).T.astype(np.float32, order="C")
-
-
 def _blur(planes: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur of each (H, W) plane of a (K, H, W) float32 stack."""
     if sigma <= 0:
         return planes
-    return np.stack([cv2.GaussianBlur(p, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) for p in planes])
+    out = np.empty_like(planes)
+    for plane, blurred in zip(planes, out, strict=True):
+        cv2.GaussianBlur(plane, (0, 0), sigma, dst=blurred, borderType=cv2.BORDER_REFLECT)
+    return out
 
 
 def blend_affine(image: np.ndarray, probabilities: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -160,14 +184,19 @@ def blend_affine(image: np.ndarray, probabilities: np.ndarray, a: np.ndarray, b:
     """
     h, w = image.shape[:2]
     k = a.shape[0]
-    y = a.reshape(3 * k, 3).astype(np.float32) @ _planar(image)
-    y += b.reshape(3 * k, 1).astype(np.float32)
-    y = y.reshape(k, 3, -1)
-    y *= probabilities.reshape(k, 1, -1)
-    out = y.sum(axis=0)
-    out += 0.5
-    np.clip(out, 0, 255, out=out)
-    return np.ascontiguousarray(out.astype(np.uint8).T).reshape(h, w, 3)
+    x = np.empty((4, h * w), np.float32)  # colours with a row of ones, so b_k rides in the product
+    x[:3] = image.reshape(-1, 3).T
+    x[3] = 1.0
+    ab = np.concatenate([a, b[:, :, None]], axis=2).astype(np.float32)  # (K, 3, 4)
+    p = probabilities.reshape(k, -1)
+    out = ab[0] @ x
+    out *= p[0]
+    term = np.empty_like(out)
+    for i in range(1, k):  # class by class: a (3, P) term stays in cache where all (3K, P) would not
+        np.matmul(ab[i], x, out=term)
+        term *= p[i]
+        out += term
+    return to_image(out, image.shape)
 
 
 def fit_hm(
@@ -260,9 +289,10 @@ def hm_tensors(
     k = likelihood.k
     dev = images.device
     x = planar(images)  # (N, 3, P)
-    z = torch.from_numpy(likelihood.whiten).to(dev) @ x + torch.from_numpy(likelihood.offset).to(dev)
-    log_lik = -0.5 * (z * z).reshape(n, k, 3, -1).sum(dim=2) + torch.from_numpy(likelihood.log_norm).to(dev)
-    p = torch.exp(log_lik - log_lik.amax(dim=1, keepdim=True))
+    u = x - CENTRE
+    features = torch.cat([u[:, i : i + 1] * u[:, j : j + 1] for i, j in _PRODUCTS] + [u, torch.ones_like(u[:, :1])], 1)
+    log_lik = torch.from_numpy(likelihood.coef).to(dev) @ features
+    p = torch.exp((log_lik - log_lik.amax(dim=1, keepdim=True)).clamp(min=LOG_FLOOR))
     if masks is not None:
         onehot = (masks.unsqueeze(1) == torch.arange(k, device=dev).view(1, k, 1, 1)).to(torch.float32)
         prior = gaussian_blur(onehot, settings.prior_sigma).reshape(n, k, -1)
