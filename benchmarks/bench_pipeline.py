@@ -236,9 +236,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from cellbatch.threads import prefer_passive_openmp
+    from cellbatch.threads import prepare_native_runtimes
 
-    prefer_passive_openmp()  # as the CLI does, before torch loads
+    prepare_native_runtimes("run")  # as the CLI does, before torch loads
 
     from cellbatch.api import resolve_batch_size
     from cellbatch.export import export_generator, generator_metadata, untrained_generator

@@ -77,9 +77,9 @@ def convert(
     With ``shard=(I, N)`` the run does its share of the slides beside other runs into the same
     ``out`` (see :mod:`cellbatch.shard`): the report lists its own slides, ``out/run.json`` all of them.
     """
-    from cellbatch.threads import apply_budget, prefer_passive_openmp, thread_budget, worker_processes
+    from cellbatch.threads import apply_budget, prepare_native_runtimes, thread_budget, worker_processes
 
-    prefer_passive_openmp()  # before torch loads, when convert is the first to import it
+    prepare_native_runtimes("run")  # before torch loads, when convert is the first to import it
     from cellbatch.cluster import check_scheduler_address
     from cellbatch.generate import resolve_device
     from cellbatch.lock import RunLock

@@ -4,7 +4,7 @@ Torch's intra-op pool, OpenCV's pool and Dask's workers each size themselves to 
 machine by default; in one process on two cores that is three pools of two threads fighting, and
 OpenMP threads that spin while they wait for each other (measured: ``run`` twice and ``train`` 24x
 faster with ``OMP_NUM_THREADS=1`` on the 2-core development machine). :func:`thread_budget` decides
-once, :func:`apply_budget` sets the libraries.
+once, :func:`apply_budget` sets the libraries, :func:`prepare_native_runtimes` how their threads wait.
 
 Cores available, first that applies:
 
@@ -44,6 +44,8 @@ class ThreadBudget:
         OpenCV threads in this process (Dask tasks always use 1: the workers are the parallelism).
     dask_workers : int
         Local Dask worker threads (or processes) for the CPU stage; 0 for a command without one.
+    command : str
+        The command the budget is for (``run``, ``train``, ...).
     """
 
     cores: int
@@ -51,6 +53,7 @@ class ThreadBudget:
     torch: int
     opencv: int
     dask_workers: int
+    command: str = "run"
 
 
 def available_cores(
@@ -170,21 +173,26 @@ def thread_budget(
         torch_threads = min(torch_threads, cap)
     # cv2.setNumThreads is process-wide: with the CPU stage in local threads, its tasks' 1 is everyone's
     opencv = 1 if dask_workers else min(cores, cap or cores)
-    return ThreadBudget(cores=cores, source=source, torch=torch_threads, opencv=opencv, dask_workers=dask_workers)
+    return ThreadBudget(cores=cores, source=source, torch=torch_threads, opencv=opencv, dask_workers=dask_workers,
+                        command=command)
 
 
-def prefer_passive_openmp() -> None:
-    """Quiet the native thread pools that size themselves at load, and give torch huge pages, unless
-    the user set otherwise.
+def prepare_native_runtimes(command: str) -> None:
+    """Set how the native thread pools behave in ``command``, before they load, unless the user set it.
 
-    OpenMP threads sleep, not spin, while they wait (``OMP_WAIT_POLICY=PASSIVE``): spinning threads
-    take the cores the other pools need (measured on the loaded 2-core machine: a generator forward
-    pass with 2 torch threads 450 ms/crop spinning, 250 passive, 230 with one thread). numpy's
-    OpenBLAS gets one thread (``OPENBLAS_NUM_THREADS=1``): it only sees small matrices here (the
-    detector's circle fit), from every Dask task at once. This reaches only runtimes not yet loaded:
-    the CLI calls it before any command imports numpy or torch.
+    In ``run`` OpenMP threads sleep, not spin, while they wait (``OMP_WAIT_POLICY=PASSIVE``): torch
+    shares the cores with the CPU stage's threads there, and spinning threads take the cores those
+    need (measured on the 2-core machine, a 400-capture run with the generator: 12.7-14.8 s passive
+    against 16.7-17.5 s spinning, and 24-26 against 37-39 CPU-s). Every other command has torch to
+    itself and keeps OpenMP's default (spin a little, then sleep): a training step of the CPU recipe
+    took 115-120 ms with sleeping threads and 52-58 ms with the default, which wakes a waiting thread
+    without a system call for each of a small network's hundreds of parallel regions.
+    numpy's OpenBLAS gets one thread (``OPENBLAS_NUM_THREADS=1``): it only sees small matrices here
+    (the detector's circle fit, HM's colour features), from every Dask task at once. This reaches
+    only runtimes not yet loaded: the CLI calls it before any command imports numpy or torch.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if command == "run":
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # Torch's CPU allocator asks for transparent huge pages for its large blocks: a generator's
     # activations are tens of MB, freshly mapped on every batch, and faulting them in 4 KiB pages cost
@@ -194,8 +202,8 @@ def prefer_passive_openmp() -> None:
 
 
 def apply_budget(budget: ThreadBudget) -> None:
-    """Set torch's and OpenCV's thread counts in this process (see :func:`prefer_passive_openmp` too)."""
-    prefer_passive_openmp()
+    """Set torch's and OpenCV's thread counts in this process (see :func:`prepare_native_runtimes` too)."""
+    prepare_native_runtimes(budget.command)
     import cv2
     import torch
 

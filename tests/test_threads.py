@@ -120,12 +120,44 @@ def test_run_records_the_budget_and_uses_it(tmp_path):
 
 
 def test_native_pools_are_quietened_unless_the_user_chose(monkeypatch):
-    from cellbatch.threads import prefer_passive_openmp
+    from cellbatch.threads import prepare_native_runtimes
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
-    prefer_passive_openmp()
+    prepare_native_runtimes("run")
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["OPENBLAS_NUM_THREADS"] == "4"
+
+
+def test_openmp_threads_keep_their_default_wait_where_torch_has_the_cores_to_itself(monkeypatch):
+    from cellbatch.threads import prepare_native_runtimes
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    prepare_native_runtimes("train")
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the user's choice stands
+    prepare_native_runtimes("train")
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_the_cli_sets_the_wait_policy_for_the_command_it_runs():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    policies = {}
+    for command in ("run", "train"):
+        code = (
+            "import os\n"
+            "from cellbatch.cli import cli\n"
+            "try:\n"
+            f"    cli.main(args=['{command}', '--help'], standalone_mode=False)\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        policies[command] = out.stdout.strip().splitlines()[-1]
+    assert policies == {"run": "PASSIVE", "train": "unset"}
 
 
 def _processes(processes="auto", *, cores=2, remote=False, generator_on_cpu=False, importable=True, captures=5000):

@@ -58,9 +58,9 @@ class LazyGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Convert DM1200 white-blood-cell captures to the DM96 look, in bulk."""
-    from cellbatch.threads import prefer_passive_openmp
+    from cellbatch.threads import prepare_native_runtimes
 
-    prefer_passive_openmp()  # before any command imports torch
+    prepare_native_runtimes(ctx.invoked_subcommand or "")  # before any command imports torch
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
