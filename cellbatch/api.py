@@ -287,8 +287,6 @@ def load_stages(
     max_unsure: float,
 ) -> Stages:
     """Load the generator, normalisers and check eagerly, so a bad one stops the run before any work."""
-    import torch
-
     from cellbatch.generate import Generator
     from cellbatch.normalise.base import parse_spec
     from cellbatch.registry import normalisers
@@ -297,9 +295,7 @@ def load_stages(
     stages = Stages(device=settings.device)
     for spec in settings.normalise:  # first: a bad name or option is a bad command line (exit 2)
         name, arg = parse_spec(spec)
-        # numpy normalisers get the consumer's share of the cores, as its torch stages do
-        stages.normalisers.append(NormaliserStage(normalisers.get(name)(arg), device=settings.device,
-                                                  threads=torch.get_num_threads()))
+        stages.normalisers.append(NormaliserStage(normalisers.get(name)(arg), device=settings.device))
     if model is not None:
         stages.generator = Generator.load(model, device=settings.device, precision=settings.precision,
                                           expected_sha256=model_sha256)

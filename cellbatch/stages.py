@@ -20,7 +20,6 @@ consumer waits for only when it writes (see :class:`Transfer`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -84,21 +83,14 @@ class NormaliserStage:
     numpy version runs on the host: on a CPU device on views of the batch (no copy), since there the
     OpenCV/numpy reference is faster than the same operations in torch (docs/devices.md); on CUDA with
     one download and one upload per batch.
-
-    A normaliser that declares ``independent_crops = True`` (each crop's result depends on that crop
-    alone: every built-in) runs its numpy version on ``threads`` parts of the batch at once. numpy and
-    OpenCV release the GIL, and on a CPU run the consumer is the slower side, so the core the CPU
-    stage leaves idle between batches takes half of the normalising (docs/devices.md).
     """
 
     output = "normalised"
 
-    def __init__(self, normaliser: Normaliser, *, device: str = "cpu", threads: int = 1) -> None:
+    def __init__(self, normaliser: Normaliser, *, device: str = "cpu") -> None:
         self.normaliser = normaliser
         on_device = callable(getattr(normaliser, "apply_tensors", None)) and device != "cpu"
         self.implementation = "torch" if on_device else "numpy"
-        self.threads = max(1, threads) if getattr(normaliser, "independent_crops", False) else 1
-        self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, batch: Batch) -> Batch:
         import torch
@@ -106,30 +98,12 @@ class NormaliserStage:
         if self.implementation == "torch":
             image = self.normaliser.apply_tensors(batch.image, batch.masks)  # type: ignore[attr-defined]
         else:
-            host = self._numpy(batch.image.cpu().numpy(), batch.masks.cpu().numpy())
+            host = self.normaliser(batch.image.cpu().numpy(), batch.masks.cpu().numpy())
             image = torch.from_numpy(np.ascontiguousarray(host)).to(batch.image.device)
         return batch.with_output(image, self.output)
 
-    def _numpy(self, crops: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        parts = min(self.threads, len(crops))
-        if parts <= 1:
-            return self.normaliser(crops, masks)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="normalise")
-        out = np.empty_like(crops)
-        bounds = np.linspace(0, len(crops), parts + 1).astype(int)
-
-        def normalise_part(lo: int, hi: int) -> None:
-            out[lo:hi] = self.normaliser(crops[lo:hi], masks[lo:hi])
-
-        list(self._pool.map(normalise_part, bounds[:-1], bounds[1:]))
-        return out
-
     def provenance(self) -> dict[str, Any]:
         return {**self.normaliser.provenance(), "implementation": self.implementation}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pool": None}  # threads do not pickle; a copy starts its own
 
 
 @dataclass

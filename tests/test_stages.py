@@ -53,23 +53,6 @@ def test_a_numpy_only_plugin_normaliser_runs_through_the_host_adapter(crops_and_
     assert np.array_equal(plugin.seen_masks, masks)
 
 
-def test_a_normaliser_of_independent_crops_splits_the_batch_over_threads_with_the_same_bytes(crops_and_masks):
-    crops, masks = crops_and_masks
-    one = run_stages([NormaliserStage(DisplayNormaliser())], Transfer("cpu").upload(crops, masks))
-    split = NormaliserStage(DisplayNormaliser(), threads=2)
-    two = run_stages([split], Transfer("cpu").upload(crops, masks))
-    assert split.threads == 2 and split._pool is not None  # the split path ran, not the whole batch
-    assert np.array_equal(two.arrays["normalised"].numpy(), one.arrays["normalised"].numpy())
-
-
-def test_a_plugin_that_does_not_declare_independent_crops_sees_whole_batches(crops_and_masks):
-    crops, masks = crops_and_masks
-    plugin = DarkenOnHost()
-    stage = NormaliserStage(plugin, threads=4)
-    run_stages([stage], Transfer("cpu").upload(crops, masks))
-    assert stage.threads == 1 and plugin.seen_masks is not None and len(plugin.seen_masks) == len(crops)
-
-
 @pytest.mark.parametrize("name", ["none", "display", "hm", "global", "reinhard", "macenko"])
 def test_every_built_in_normaliser_runs_on_the_device(name):
     from cellbatch.registry import normalisers

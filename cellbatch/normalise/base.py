@@ -15,9 +15,6 @@ class Normaliser(Protocol):
     2 cytoplasm, 3 nucleus) or ``None`` when no segmentation is available.
     ``provenance()`` returns what must be recorded to reproduce the result (name, argument, sha256 of
     any profile file).
-    Optional: ``independent_crops = True`` says each crop's result depends on that crop (and mask)
-    alone and ``__call__`` may run on parts of a batch in several threads at once; a run then splits
-    batches over the consumer's threads. Leave it out when crops of a batch affect one another.
     """
 
     name: str

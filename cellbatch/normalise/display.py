@@ -273,7 +273,6 @@ class DisplayNormaliser:
     """
 
     name = "display"
-    independent_crops = True  # each crop alone decides its result: batches may be split (stages.NormaliserStage)
 
     def __init__(self, arg: str | None = None) -> None:
         self.arg = arg

@@ -56,7 +56,6 @@ class GlobalAffineNormaliser:
     """``--normalise global:PROFILE.json`` with a profile from ``cellbatch normalise fit --method global``."""
 
     name = "global"
-    independent_crops = True  # each crop alone decides its result: batches may be split (stages.NormaliserStage)
 
     def __init__(self, arg: str | None = None) -> None:
         self.arg = arg

@@ -319,7 +319,6 @@ class HMNormaliser:
     """
 
     name = "hm"
-    independent_crops = True  # each crop alone decides its result: batches may be split (stages.NormaliserStage)
 
     def __init__(self, arg: str | None = None, *, settings: SoftSettings = SoftSettings()) -> None:
         self.arg = arg

@@ -165,7 +165,6 @@ class MacenkoNormaliser:
     """``--normalise macenko:PROFILE.json``, profile from ``cellbatch normalise fit --method macenko``."""
 
     name = "macenko"
-    independent_crops = True  # each crop alone decides its result: batches may be split (stages.NormaliserStage)
 
     def __init__(self, arg: str | None = None) -> None:
         self.arg = arg

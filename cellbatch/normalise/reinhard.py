@@ -87,7 +87,6 @@ class ReinhardNormaliser:
     """``--normalise reinhard:PROFILE.json``, profile from ``cellbatch normalise fit --method reinhard``."""
 
     name = "reinhard"
-    independent_crops = True  # each crop alone decides its result: batches may be split (stages.NormaliserStage)
 
     def __init__(self, arg: str | None = None) -> None:
         self.arg = arg
