@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from cellbatch import __version__
 from cellbatch.crop import CROP_SIZE
-from cellbatch.errors import CellbatchError, ConfigError, InputNotFoundError, Interrupted, UnavailableError
+from cellbatch.errors import (
+    CellbatchError,
+    ClusterLostError,
+    ConfigError,
+    InputNotFoundError,
+    Interrupted,
+    UnavailableError,
+)
 from cellbatch.extract import ExtractSettings
 from cellbatch.pipeline import RunSettings, Stages, base_provenance, count_captures, run_slides
 from cellbatch.provenance import utc_now
@@ -172,6 +179,10 @@ def convert(
             report.finish(INTERRUPTED, utc_now())
             raise Interrupted(report.interrupt_message(), signum=getattr(exc, "signum", signal.SIGINT),
                               summary=report.to_dict()) from None
+        except ClusterLostError:  # the run cannot go on, but what it did stands: run.json says so
+            times.flush()
+            report.finish(INTERRUPTED, utc_now())
+            raise
         times.flush()
         report.notes.extend(stages.notes)
         report.finish(FINISHED, utc_now())

@@ -110,6 +110,26 @@ def test_ctrl_c_marks_the_run_interrupted_and_lists_what_is_left(tmp_path):
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
+def test_a_lost_cluster_leaves_a_run_json_with_what_the_run_did(tmp_path):
+    from cellbatch.api import convert
+    from cellbatch.errors import ClusterLostError
+
+    write_slides(tmp_path / "in", slides={"a": 1, "b": 1, "c": 1})
+    done = []
+
+    def lose_the_cluster_after_the_first_slide(captures: int, cells: int, slides: int) -> None:
+        done.append(slides)
+        if sum(done) == 1:
+            raise ClusterLostError("the Dask cluster has had no workers for 3 s")
+
+    with pytest.raises(ClusterLostError):
+        convert([tmp_path / "in"], tmp_path / "out", detector="blobs", cell_diameter=60,
+                on_progress=lose_the_cluster_after_the_first_slide)
+    state = json.loads((tmp_path / "out" / "run.json").read_text())  # saved now, not up to 5 s ago
+    assert state["state"] == "interrupted" and [s["name"] for s in state["slides"]] == ["a"]
+    assert state["pending"] == ["b", "c"]
+
+
 SLOW_RUN = """
 import sys, time
 from cellbatch.registry import detectors
