@@ -14,6 +14,7 @@ the halves swap. Steps, one at a time (each prints where it wrote):
     python benchmarks/train_pbc.py train  --out BENCH --setup pcnet --train even --time-limit 600 --device cpu
     python benchmarks/train_pbc.py report --out BENCH            # final figures and the ΔE-vs-minutes curves
     python benchmarks/train_pbc.py full   --out BENCH            # final generators on every pair of the other half
+    python benchmarks/train_pbc.py floor  --out BENCH            # how often the classifier changes its own mind
 
 ``train`` passes ``--classifier BENCH/pbc-classifier.pt`` when that file exists, ``--vgg-random`` to pcNET
 unless ``--vgg-weights`` is given, and records the machine's load average every 15 s while it trains
@@ -234,9 +235,42 @@ def agreement_after(run: Path, classifier: Path) -> dict[str, float]:
     return {name: float((classify(images) == truth).mean()) for name, images in outputs.items()}
 
 
+def classifier_floor(out: Path) -> None:
+    """How often the reference classifier changes its own mind: agreement of its class for each target
+    cell of each half with its class for the same cell after an imperceptible change (Gaussian noise
+    of 1 and 2 grey levels, a JPEG round trip at quality 95). A converter cannot be held to more
+    agreement than this."""
+    import cv2
+    import torch
+
+    from cellbatch.train import metrics
+    from cellbatch.train.data import read_pairs
+    from cellbatch.train.validate import validation_set
+
+    classify = metrics.classifier_labels(str(out / "pbc-classifier.pt"), device=torch.device("cpu"))
+    rng = np.random.default_rng(0)
+
+    def noise(images: np.ndarray, sigma: float) -> np.ndarray:
+        return np.clip(images + rng.normal(0, sigma, images.shape), 0, 255).astype(np.uint8)
+
+    def jpeg(images: np.ndarray) -> np.ndarray:
+        return np.stack([cv2.imdecode(cv2.imencode(".jpg", i, [cv2.IMWRITE_JPEG_QUALITY, 95])[1], cv2.IMREAD_UNCHANGED)
+                         for i in images])
+
+    changes = {"noise 1 level": lambda x: noise(x, 1), "noise 2 levels": lambda x: noise(x, 2), "JPEG q95": jpeg}
+    for half in HALVES:
+        pairs = read_pairs(out / f"pairs-{half}")
+        val = validation_set(pairs.names, pairs.source, pairs.target, cell_diameter=110.0)
+        truth = classify(val.target)
+        for name, change in changes.items():
+            same = classify(change(val.target)) == truth
+            print(f"{half} half ({len(truth)} cells), target vs target with {name}: agreement {same.mean():.4f} "
+                  f"({int((~same).sum())} cells changed class)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["pairs", "train", "report", "full"])
+    parser.add_argument("step", choices=["pairs", "train", "report", "full", "floor"])
     parser.add_argument("--out", type=Path, default=Path("train-pbc"))
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--setup", default="l1net")
@@ -253,6 +287,8 @@ def main() -> None:
         make_pairs(args.out, args.data, args.synthetic)
     elif args.step == "train":
         run_training(args)
+    elif args.step == "floor":
+        classifier_floor(args.out)
     else:
         for run in sorted(args.out.glob("run-*")):
             if (run / "validation.json").is_file() and (run / "metrics.csv").is_file():
