@@ -192,12 +192,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captures", type=int, default=200)
     parser.add_argument("--pool", type=int, default=32, help="distinct synthetic captures to hard-link")
-    parser.add_argument("--chunk", type=int, default=4, help="captures per task (as a run)")
+    parser.add_argument("--chunk", type=int, help="captures per task (default: as a run)")
     parser.add_argument("--skip-run", action="store_true", help="leave out the `cellbatch run` comparison")
     parser.add_argument("--only-run", action="store_true", help="only the `cellbatch run` comparison")
     parser.add_argument("--model", type=Path, default=Path(__file__).parents[1] / "examples/demo-model/demo-l1net.pt",
                         help="generator for the `cellbatch run` comparison ('' for none)")
     args = parser.parse_args()
+    if args.chunk is None:
+        from cellbatch.pipeline import RunSettings
+
+        args.chunk = RunSettings().chunk_captures
 
     from cellbatch.extract import capture_refs
     from cellbatch.read import discover_slides

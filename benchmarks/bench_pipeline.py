@@ -79,12 +79,14 @@ def make_inputs(tmp: Path, captures: int, *, image_format: str = "jpeg") -> tupl
     return tmp / "synth" / "dm1200", profile
 
 
-def bench_extract(slide_dir: Path, *, workers: int | None, processes: int, chunk: int = 4):
+def bench_extract(slide_dir: Path, *, workers: int | None, processes: int, chunk: int | None = None):
     """(a): seconds, crops, masks and capture count of read+detect+crop over the slide."""
     from cellbatch.api import dask_client
     from cellbatch.extract import ExtractSettings, capture_refs, extract_chunk
+    from cellbatch.pipeline import RunSettings
     from cellbatch.read import discover_slides
 
+    chunk = chunk or RunSettings().chunk_captures  # as a run splits a slide into tasks
     refs = capture_refs(discover_slides(slide_dir)[0])
     with dask_client(None, workers, processes=processes) as client:
         client.submit(extract_chunk, refs[:1], ExtractSettings(), pure=False).result()  # warm up

@@ -157,9 +157,11 @@ def test_a_task_carries_its_capture_references_not_the_slide(tmp_path):
     jobs = cellbatch.pipeline.schedule(Recorder(), iter([plan]), cellbatch.pipeline.RunSettings(), window=10**6)
     for _ in jobs:
         break
-    assert len(submitted) == 100
+    per_task = cellbatch.pipeline.RunSettings().chunk_captures
+    assert len(submitted) == 400 // per_task
     sizes = [len(pickle.dumps(args)) for args in submitted]
-    assert max(sizes) < 2_000  # four references and the settings; the slide's 400 paths would be ~30 kB
+    # a task's own references and the settings, ~0.2 kB a reference; the slide's 400 paths would be ~30 kB
+    assert max(sizes) < 1_000 + 250 * per_task
     assert not any(isinstance(a, cellbatch.read.Slide) for args in submitted for a in args)
 
 
