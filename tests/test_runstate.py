@@ -87,21 +87,26 @@ def test_run_json_has_a_state_and_the_slides_still_to_do(tmp_path, cellbatch):
     assert report.state == "finished"
 
 
+def _raise_after_first_slide(exc: BaseException):
+    """A progress callback that raises ``exc`` once the first slide has ended."""
+    done = []
+
+    def on_progress(captures: int, cells: int, slides: int) -> None:
+        done.append(slides)
+        if sum(done) == 1:
+            raise exc
+
+    return on_progress
+
+
 def test_ctrl_c_marks_the_run_interrupted_and_lists_what_is_left(tmp_path):
     from cellbatch.api import convert
     from cellbatch.errors import Interrupted
 
     write_slides(tmp_path / "in", slides={"a": 1, "b": 1, "c": 1})
-    done = []
-
-    def stop_after_first_slide(captures: int, cells: int, slides: int) -> None:
-        done.append(slides)
-        if sum(done) == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(Interrupted) as stop:
         convert([tmp_path / "in"], tmp_path / "out", detector="blobs", cell_diameter=60,
-                on_progress=stop_after_first_slide)
+                on_progress=_raise_after_first_slide(KeyboardInterrupt()))
     state = json.loads((tmp_path / "out" / "run.json").read_text())
     assert state["state"] == "interrupted" and state["exit_code"] == 0
     assert [s["name"] for s in state["slides"]] == ["a"] and state["pending"] == ["b", "c"]
@@ -115,16 +120,10 @@ def test_a_lost_cluster_leaves_a_run_json_with_what_the_run_did(tmp_path):
     from cellbatch.errors import ClusterLostError
 
     write_slides(tmp_path / "in", slides={"a": 1, "b": 1, "c": 1})
-    done = []
-
-    def lose_the_cluster_after_the_first_slide(captures: int, cells: int, slides: int) -> None:
-        done.append(slides)
-        if sum(done) == 1:
-            raise ClusterLostError("the Dask cluster has had no workers for 3 s")
-
+    lost = ClusterLostError("the Dask cluster has had no workers for 3 s")
     with pytest.raises(ClusterLostError):
         convert([tmp_path / "in"], tmp_path / "out", detector="blobs", cell_diameter=60,
-                on_progress=lose_the_cluster_after_the_first_slide)
+                on_progress=_raise_after_first_slide(lost))
     state = json.loads((tmp_path / "out" / "run.json").read_text())  # saved now, not up to 5 s ago
     assert state["state"] == "interrupted" and [s["name"] for s in state["slides"]] == ["a"]
     assert state["pending"] == ["b", "c"]
