@@ -59,9 +59,9 @@ CENTRE = 127.5
 # Log-likelihoods are floored this far below each pixel's best class before exp(): smaller ratios
 # change no output level, and the denormal floats below e^-87 make every later blur several times slower.
 LOG_FLOOR = -60.0
-# the colour products u_i u_j of :func:`colour_features`, then u_0, u_1, u_2 and 1
-_PRODUCTS = UPPER_TRIANGLE
-N_FEATURES = len(_PRODUCTS) + 4
+# :func:`colour_features` rows: the products u_i u_j (i <= j), then u_0, u_1, u_2 and 1
+N_PRODUCTS = len(UPPER_TRIANGLE)
+N_FEATURES = N_PRODUCTS + 4
 
 
 def colour_features(planes: np.ndarray) -> np.ndarray:
@@ -71,11 +71,11 @@ def colour_features(planes: np.ndarray) -> np.ndarray:
     times these rows: one BLAS call over long contiguous rows instead of a dozen numpy passes.
     """
     f = np.empty((N_FEATURES, planes.shape[1]), np.float32)
-    u = f[6:9]
+    u = f[N_PRODUCTS : N_PRODUCTS + 3]
     np.subtract(planes, np.float32(CENTRE), out=u)
-    for row, (i, j) in enumerate(_PRODUCTS):
+    for row, (i, j) in enumerate(UPPER_TRIANGLE):
         np.multiply(u[i], u[j], out=f[row])
-    f[9] = 1.0
+    f[-1] = 1.0
     return f
 
 
@@ -95,10 +95,10 @@ class ClassLikelihood:
             c = cov[i] + colour_sigma**2 * np.eye(3)
             precision = np.linalg.inv(c)
             d = np.asarray(mean[i], np.float64) - CENTRE
-            for row, (a, b) in enumerate(_PRODUCTS):
+            for row, (a, b) in enumerate(UPPER_TRIANGLE):
                 coef[i, row] = -0.5 * precision[a, a] if a == b else -precision[a, b]
-            coef[i, 6:9] = precision @ d
-            coef[i, 9] = -0.5 * d @ precision @ d - 0.5 * np.linalg.slogdet(c)[1]
+            coef[i, N_PRODUCTS : N_PRODUCTS + 3] = precision @ d
+            coef[i, -1] = -0.5 * d @ precision @ d - 0.5 * np.linalg.slogdet(c)[1]
         self.coef, self.k = coef.astype(np.float32), k
 
     def __call__(self, planes: np.ndarray) -> np.ndarray:
@@ -290,7 +290,8 @@ def hm_tensors(
     dev = images.device
     x = planar(images)  # (N, 3, P)
     u = x - CENTRE
-    features = torch.cat([u[:, i : i + 1] * u[:, j : j + 1] for i, j in _PRODUCTS] + [u, torch.ones_like(u[:, :1])], 1)
+    products = [u[:, i : i + 1] * u[:, j : j + 1] for i, j in UPPER_TRIANGLE]
+    features = torch.cat([*products, u, torch.ones_like(u[:, :1])], 1)  # colour_features, batched
     log_lik = torch.from_numpy(likelihood.coef).to(dev) @ features
     p = torch.exp((log_lik - log_lik.amax(dim=1, keepdim=True)).clamp(min=LOG_FLOOR))
     if masks is not None:
