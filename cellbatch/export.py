@@ -218,7 +218,8 @@ def generator_from_run(run: str | Path) -> tuple[UNetGenerator, dict[str, Any]]:
     settings = read_json(run / SETTINGS_NAME) or state.get("settings", {})
     residual = settings.get("predict", "image") == "residual"
     generator = UNetGenerator(base_filters=int(settings["base_filters"]), residual=residual)
-    generator.load_state_dict(state["models"]["G"])
+    # A run that kept a moving average of G validated and exports the average.
+    generator.load_state_dict(state["average"]["G"] if "average" in state else state["models"]["G"])
     # The held-out names stay in the run folder; the file records the figures and how many pairs.
     validation = {k: v for k, v in (read_json(run / VALIDATION_NAME) or {}).items() if k != "val_names"}
     meta = generator_metadata(

@@ -393,3 +393,23 @@ def test_white_cell_delta_e_averages_over_the_mask_only() -> None:
     whole = image_metrics(image, target)
     assert "delta_e_cell" not in whole
     assert figures["delta_e_cell"] == pytest.approx(2 * whole["delta_e"])
+
+
+def test_moving_average_is_validated_exported_and_resumed(pairs: Path, tmp_path: Path) -> None:
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(_settings(pairs, "l1net", steps=4, ema=0.5), whole, device="cpu", progress=False)
+    train(_settings(pairs, "l1net", steps=2, ema=0.5), parts, device="cpu", progress=False)
+    train(_settings(pairs, "l1net", steps=4, ema=0.5), parts, device="cpu", progress=False, resume=True)
+    a, b = load_checkpoint(latest_checkpoint(whole)), load_checkpoint(latest_checkpoint(parts))
+    assert int(a["average"]["n_averaged"]) == 4
+    assert all(torch.equal(a["average"]["G"][k], b["average"]["G"][k]) for k in a["average"]["G"])
+    # the average lags G: its weights and its batch-norm statistics differ from the last step's
+    differs = [k for k in a["models"]["G"] if not torch.equal(a["models"]["G"][k], a["average"]["G"][k])]
+    assert any(k.endswith("running_mean") for k in differs) and any(k.endswith("weight") for k in differs)
+    generator, _ = generator_from_run(whole)
+    assert all(torch.equal(v, a["average"]["G"][k]) for k, v in generator.state_dict().items())
+
+
+def test_moving_average_decay_outside_zero_one_is_refused(pairs: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--ema 1"):
+        train(_settings(pairs, "l1net", ema=1.0), tmp_path / "run", device="cpu")

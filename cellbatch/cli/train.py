@@ -129,6 +129,14 @@ def _parse_weights(values: tuple[str, ...]) -> dict[str, float]:
     default=None,
     help="bfloat16 autocast (GPUs; CPUs with AMX/AVX512-BF16) [off; with --time-limit: on where fast].",
 )
+@click.option(
+    "--ema",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    metavar="DECAY",
+    help="Validate and export a moving average of the generator's weights and batch-norm statistics, "
+    "each step keeping DECAY of it (0.999: the last ~1,000 steps) [0: the generator itself; with --time-limit: "
+    "the recipe's].",
+)
 @device_option
 @threads_option
 @quiet_option
@@ -164,6 +172,7 @@ def train(
     classifier: Path | None,
     seed: int,
     bf16: bool | None,
+    ema: float | None,
     device: str,
     threads: int | None,
     quiet: bool,
@@ -198,6 +207,7 @@ def train(
         disc_base_filters=disc_base_filters or 0,
         seed=seed,
         bf16=bf16,
+        ema=ema,
         rotate=not no_rotate,
         intensity=not no_intensity,
         crop=crop,

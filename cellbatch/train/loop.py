@@ -83,6 +83,7 @@ class TrainSettings:
     disc_base_filters: int = 0  # 0: twice base_filters
     seed: int = 0
     bf16: bool | None = None  # None: off, or the time-limit recipe
+    ema: float | None = None  # decay of G's moving average (0: none, the thesis); None: 0 or the recipe's
     rotate: bool = True
     intensity: bool = True
     crop: int | None = None  # None: whole pairs, or the time-limit recipe; 0: whole pairs always
@@ -123,6 +124,8 @@ def resolve_settings(settings: TrainSettings, device_type: str = "cpu") -> Train
     # Batch norm in the innermost block sees one value per channel per image at 128x128.
     if batch < 2:
         raise ConfigError(f"--batch-size {batch} is too small: batch norm needs at least 2")
+    if not 0 <= s.ema < 1:
+        raise ConfigError(f"--ema {s.ema:g} must lie in [0, 1): the share of the average each step keeps")
     if s.steps < 1 or s.checkpoint_every < 1 or s.keep_checkpoints < 1:
         raise ConfigError("--steps, --checkpoint-every and the number of kept checkpoints must be at least 1")
     if s.crop is not None and (s.crop < TILE_MULTIPLE or s.crop % TILE_MULTIPLE):
@@ -336,6 +339,7 @@ def train(
         bf16=bool(settings.bf16),
         vgg=vgg,
         residual=settings.predict == "residual",
+        ema=float(settings.ema or 0.0),
     )
     start_step, elapsed = 0, 0.0
     if checkpoints:
@@ -404,7 +408,7 @@ def train(
             seconds = clock.end_interval()
             last = step == settings.steps or clock.out_of_time()
             on = val if last else quick
-            generated = metrics.generate(setup.generator, on.source, device=dev, batch_size=VALIDATION_BATCH)
+            generated = metrics.generate(setup.result, on.source, device=dev, batch_size=VALIDATION_BATCH)
             figures = metrics.figures(generated, on.target, classify, on.masks)
             montage(on, generated, run / MONTAGE_DIR / f"step-{step:08d}.png")
             log.add(

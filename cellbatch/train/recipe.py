@@ -30,20 +30,23 @@ class Recipe:
     bf16: bool
     lr_schedule: str
     predict: str
+    ema: float  # decay of the exported moving average of G (0: G itself)
 
 
 THESIS = Recipe(
     base_filters=THESIS_BASE_FILTERS, lr=THESIS_LR, crop=None, batch_size=0, bf16=False,
-    lr_schedule="constant", predict="image",
+    lr_schedule="constant", predict="image", ema=0.0,
 )  # fmt: skip
 RECIPES: dict[str, Recipe] = {
     # A CPU buys a few thousand small steps in minutes: a narrow network on 128x128 crops, bfloat16
     # where the CPU has AMX / AVX512-BF16 (2.1-2.8x faster training steps here), a higher rate that a
     # cosine schedule brings down by the end, and the network predicting a correction to its input.
-    "cpu": Recipe(base_filters=8, lr=1e-3, crop=128, batch_size=0, bf16=True, lr_schedule="cosine", predict="residual"),
+    "cpu": Recipe(base_filters=8, lr=1e-3, crop=128, batch_size=0, bf16=True, lr_schedule="cosine", predict="residual",
+                  ema=0.0),
     # A GPU buys tens of thousands of steps: the thesis's width, whole 256x256 pairs, bfloat16.
     "cuda": Recipe(
-        base_filters=32, lr=5e-4, crop=None, batch_size=8, bf16=True, lr_schedule="cosine", predict="residual"
+        base_filters=32, lr=5e-4, crop=None, batch_size=8, bf16=True, lr_schedule="cosine", predict="residual",
+        ema=0.0,
     ),
 }  # fmt: skip
 
@@ -72,7 +75,8 @@ def fill_defaults(settings: TrainSettings, device_type: str) -> TrainSettings:
     filled = {}
     for name, value in asdict(recipe).items():
         given = current[name]
-        unset = given is None or (given in (0, "") and not isinstance(given, bool) and name != "crop")
+        # crop 0 and ema 0 are choices (whole pairs, no average), not unset
+        unset = given is None or (given in (0, "") and not isinstance(given, bool) and name not in ("crop", "ema"))
         filled[name] = value if unset else given
     if filled["crop"] == 0:  # 0: whole pairs, whatever the recipe says
         filled["crop"] = None

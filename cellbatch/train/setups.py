@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cellbatch.errors import ConfigError
 from cellbatch.models import PatchDiscriminator, UNetGenerator, feature_loss
@@ -85,6 +86,7 @@ class Setup(abc.ABC):
         bf16: bool,
         vgg: VGG16Features | None = None,
         residual: bool = False,
+        ema: float = 0.0,
     ) -> None:
         self.weights = dict(weights)
         self.device = device
@@ -100,6 +102,12 @@ class Setup(abc.ABC):
             name: torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, fused=True)
             for name, params in self.param_groups().items()
         }
+        # A moving average of G's weights and batch-norm statistics over the last ~1 / (1 - ema) steps:
+        # the running statistics alone average ~10 batches (momentum 0.1), so the exported generator
+        # otherwise depends on which few augmented batches came last.
+        self.average = None
+        if ema:
+            self.average = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
 
     def build(self, *, base_filters: int, disc_base_filters: int, vgg: VGG16Features | None) -> None:  # noqa: B027
         """Add the networks beyond G (none for L1Net)."""
@@ -120,6 +128,11 @@ class Setup(abc.ABC):
     def generator(self) -> UNetGenerator:
         return self.networks["G"]  # type: ignore[return-value]
 
+    @property
+    def result(self) -> UNetGenerator:
+        """The generator a checkpoint exports and validation measures: G, or its moving average."""
+        return self.generator if self.average is None else self.average.module  # type: ignore[return-value]
+
     @abc.abstractmethod
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One optimisation step; returns the loss terms (unweighted) and the weighted total.
@@ -132,12 +145,17 @@ class Setup(abc.ABC):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if name == "G" and self.average is not None:
+            self.average.update_parameters(self.generator)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "models": {k: v.state_dict() for k, v in self.networks.items() if k != "VGG"},
             "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
         }
+        if self.average is not None:
+            state["average"] = {"G": self.average.module.state_dict(), "n_averaged": self.average.n_averaged}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for name, net in self.networks.items():
@@ -145,6 +163,9 @@ class Setup(abc.ABC):
                 net.load_state_dict(state["models"][name])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+        if self.average is not None:
+            self.average.module.load_state_dict(state["average"]["G"])
+            self.average.n_averaged.copy_(state["average"]["n_averaged"])
 
 
 class L1Net(Setup):
