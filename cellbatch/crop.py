@@ -7,6 +7,7 @@ the mask there is background. A constant background pad, unlike a mirror, invent
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from cellbatch.detect.base import BACKGROUND
@@ -31,9 +32,13 @@ def background_colour(image: np.ndarray, labels: np.ndarray | None = None, *, st
     """
     image = image[::step, ::step]
     if labels is not None:
-        pixels = image[labels[::step, ::step] == BACKGROUND]
-        if len(pixels) >= 16:
-            return median_uint8(pixels)
+        background = (labels[::step, ::step] == BACKGROUND).view(np.uint8)
+        n = cv2.countNonZero(background)
+        if n >= 16:
+            # OpenCV's masked histograms: the boolean gather of the pixels cost as much as the median
+            small = np.ascontiguousarray(image)
+            counts = [cv2.calcHist([small], [c], background, [256], [0, 256]).ravel() for c in range(3)]
+            return _median_of_counts(np.stack(counts), n)
     flat = image.reshape(-1, 3)
     brightness = flat.sum(axis=1)
     bright = flat[brightness >= np.quantile(brightness, 0.75)]
@@ -52,7 +57,12 @@ def median_uint8(pixels: np.ndarray) -> np.ndarray:
     """
     n, channels = pixels.shape
     counts = np.bincount((pixels + np.arange(channels, dtype=np.intp) * 256).ravel(), minlength=256 * channels)
-    cumulative = np.cumsum(counts.reshape(channels, 256), axis=1)
+    return _median_of_counts(counts.reshape(channels, 256), n)
+
+
+def _median_of_counts(counts: np.ndarray, n: int) -> np.ndarray:
+    """The per-channel median of ``n`` uint8 values from their (C, 256) histogram."""
+    cumulative = np.cumsum(counts, axis=1)
     lower = np.array([np.searchsorted(row, (n - 1) // 2, side="right") for row in cumulative])
     upper = np.array([np.searchsorted(row, n // 2, side="right") for row in cumulative])
     return ((lower + upper) // 2).astype(np.uint8)  # the float median's mean of the middle two, truncated
@@ -79,9 +89,16 @@ def crop_window(
     """
     x0, y0, x1, y1 = crop_window_origin(cx, cy, size=size)
     h, w = image.shape[:2]
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    channels = image.shape[2] if image.ndim == 3 else 1
+    if sx0 < sx1 and sy0 < sy1 and image.dtype == np.uint8 and channels <= 4:
+        # One OpenCV call copies and pads; numpy's broadcast fill of (S, S, 3) alone cost 0.1 ms.
+        value = np.broadcast_to(np.asarray(fill, np.float64), (channels,)).tolist()
+        border = (sy0 - y0, y1 - sy1, sx0 - x0, x1 - sx1)
+        out = cv2.copyMakeBorder(image[sy0:sy1, sx0:sx1], *border, cv2.BORDER_CONSTANT, value=value)
+        return out.reshape((size, size) + image.shape[2:]), (x0, y0, x1, y1)
     out = np.empty((size, size) + image.shape[2:], dtype=image.dtype)
     out[...] = fill
-    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if sx0 < sx1 and sy0 < sy1:
         out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
     return out, (x0, y0, x1, y1)

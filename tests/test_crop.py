@@ -45,3 +45,27 @@ def test_median_uint8_equals_numpys_median_truncated():
             if coarse:
                 pixels = pixels // 64 * 64
             np.testing.assert_array_equal(median_uint8(pixels), np.median(pixels, axis=0).astype(np.uint8))
+
+
+def test_opencv_and_numpy_crops_agree_for_every_layout_and_position():
+    # uint8 with up to 4 channels is cut by OpenCV; other types keep numpy's path: both must agree
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (90, 120, 4), dtype=np.uint8)
+    for image in (rgba[..., :3], rgba[:, ::-1, :3], rgba[..., 0], rgba[..., :1], rgba):
+        wide = image.astype(np.uint16)
+        for _ in range(40):
+            cx, cy = rng.uniform(-80, 200, 2)
+            size = int(rng.choice([1, 31, 64]))
+            fill = rng.integers(0, 256, image.shape[2:]) if image.ndim == 3 else int(rng.integers(0, 256))
+            crop, window = crop_window(image, cx, cy, size=size, fill=fill)
+            reference, same_window = crop_window(wide, cx, cy, size=size, fill=fill)
+            assert window == same_window and crop.dtype == np.uint8 and crop.shape == reference.shape
+            assert np.array_equal(crop, reference)
+
+
+def test_background_colour_is_the_median_of_the_background_pixels():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, (80, 120)).astype(np.uint8)
+    expected = np.median(image[::4, ::4][labels[::4, ::4] == 0], axis=0).astype(np.uint8)
+    assert np.array_equal(background_colour(image, labels), expected)

@@ -338,3 +338,13 @@ def test_cell_in_the_leftover_corner_of_an_odd_capture_reaches_the_border() -> N
     detection = detect(image)
     assert len(detection.cells) == 1 and detection.cells[0].edge
     assert detection.labels[482, 642] == NUCLEUS
+
+
+def test_fast_median_and_percentile_give_numpys_floats() -> None:
+    from cellbatch.detect.threshold import _median, _percentile75
+
+    rng = np.random.default_rng(0)
+    for n in (*range(1, 12), 100, 1001, 4096):
+        values = (rng.random(n) * rng.choice([1.0, 7.0])).astype(np.float32)
+        assert float(_median(values)) == float(np.median(values))
+        assert float(_percentile75(values)) == float(np.percentile(values, 75))
