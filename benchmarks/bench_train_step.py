@@ -7,6 +7,7 @@ thread pools (OpenMP reads its wait policy when it loads):
 * ``cli``: what ``cellbatch train`` sets (``cellbatch.threads.prepare_native_runtimes("train")``:
   OpenMP's default wait, huge pages for torch, one OpenBLAS thread);
 * ``passive``: the same with ``OMP_WAIT_POLICY=PASSIVE``, what ``run`` sets and ``train`` set before;
+* ``ema``: ``cli`` keeping a moving average of the generator (``--ema 0.999``), what it costs a step;
 
 and prints steps/s, milliseconds a step, the cores the process kept busy, and the ratio of the two
 measured in one run. Pairs: ``--pairs FOLDER`` (e.g. ``BENCH/pairs-even`` of ``train_pbc.py``), else
@@ -28,10 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-SETUPS = {"cli": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+# name: (environment, --ema decay)
+SETUPS = {"cli": ({}, 0.0), "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0.0), "ema": ({}, 0.999)}
 
 
-def measure(pairs: str, setup: str, steps: int, device: str) -> dict:
+def measure(pairs: str, setup: str, steps: int, device: str, ema: float) -> dict:
     """In this (fresh) process: steps/s of the loop body for ``setup`` (environment already set)."""
     from cellbatch.threads import prepare_native_runtimes
 
@@ -51,6 +53,7 @@ def measure(pairs: str, setup: str, steps: int, device: str) -> dict:
     trainer = SETUP_CLASSES[setup](
         weights=settings.weights, base_filters=settings.base_filters, disc_base_filters=settings.disc_base_filters,
         lr=settings.lr, device=dev, bf16=bool(settings.bf16), vgg=None, residual=settings.predict == "residual",
+        ema=ema,
     )
     sampler = _Sampler(settings, data, np.arange(len(data.names)))
     rng = np.random.default_rng(0)
@@ -74,9 +77,10 @@ def main() -> None:
     parser.add_argument("--setup", default="l1net", choices=("l1net",))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--measure", choices=tuple(SETUPS), help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--ema", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.pairs, args.setup, args.steps, args.device)))
+        print(json.dumps(measure(args.pairs, args.setup, args.steps, args.device, args.ema)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,10 +90,10 @@ def main() -> None:
 
             pairs = str(pairs_from_synth(Path(tmp) / "pairs", count=64, seed=0))
         results = {}
-        for name, extra in SETUPS.items():
+        for name, (extra, ema) in SETUPS.items():
             env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | extra
             cmd = [sys.executable, __file__, "--measure", name, "--pairs", pairs, "--steps", str(args.steps),
-                   "--setup", args.setup, "--device", args.device]
+                   "--setup", args.setup, "--device", args.device, "--ema", str(ema)]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             results[name] = json.loads(done.stdout.strip().splitlines()[-1])
     first = next(iter(results.values()))
@@ -100,6 +104,7 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:14} {r['steps_per_s']:8.2f} {r['ms_per_step']:8.1f} {r['cores']:10.2f}")
     print(f"ratio cli / passive: {results['cli']['steps_per_s'] / results['passive']['steps_per_s']:.2f}x steps/s")
+    print(f"ratio ema / cli: {results['ema']['steps_per_s'] / results['cli']['steps_per_s']:.2f}x steps/s")
 
 
 if __name__ == "__main__":

@@ -340,15 +340,18 @@ def test_time_limit_fills_unset_options_from_the_device_recipe(monkeypatch: pyte
     budget = resolve_settings(TrainSettings(setup="l1net", pairs="p", time_limit=600), "cpu")
     cpu = recipe.RECIPES["cpu"]
     assert (budget.base_filters, budget.lr, budget.crop, budget.bf16) == (cpu.base_filters, cpu.lr, cpu.crop, True)
-    assert (budget.lr_schedule, budget.predict) == (cpu.lr_schedule, cpu.predict)
+    assert (budget.lr_schedule, budget.predict, budget.ema) == (cpu.lr_schedule, cpu.predict, cpu.ema)
+    assert thesis.ema == 0.0 and cpu.ema > 0  # the thesis exports G itself; the recipe its moving average
     gpu = resolve_settings(TrainSettings(setup="pcnet", pairs="p", time_limit=600, vgg_random=True), "cuda")
     assert gpu.base_filters == recipe.RECIPES["cuda"].base_filters and gpu.bf16
     # what the user sets wins, including "off" and the thesis's choices
     mine = resolve_settings(
-        TrainSettings(setup="l1net", pairs="p", time_limit=600, bf16=False, predict="image", base_filters=16, crop=0),
+        TrainSettings(
+            setup="l1net", pairs="p", time_limit=600, bf16=False, predict="image", base_filters=16, crop=0, ema=0.0
+        ),
         "cpu",
     )
-    assert (mine.bf16, mine.predict, mine.base_filters, mine.crop) == (False, "image", 16, None)
+    assert (mine.bf16, mine.predict, mine.base_filters, mine.crop, mine.ema) == (False, "image", 16, None, 0.0)
     monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: False)  # emulated bfloat16 is slower: off
     assert resolve_settings(TrainSettings(setup="l1net", pairs="p", time_limit=600), "cpu").bf16 is False
 
