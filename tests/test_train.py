@@ -413,6 +413,16 @@ def test_moving_average_is_validated_exported_and_resumed(pairs: Path, tmp_path:
     assert all(torch.equal(v, a["average"]["G"][k]) for k, v in generator.state_dict().items())
 
 
+def test_a_run_from_before_the_average_resumes_with_one(pairs: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(_settings(pairs, "l1net", steps=2), run, device="cpu", progress=False)
+    settings = json.loads((run / "settings.json").read_text())
+    del settings["ema"]  # as cellbatch wrote it before --ema; its recipe now averages
+    (run / "settings.json").write_text(json.dumps(settings))
+    train(_settings(pairs, "l1net", steps=4, ema=0.5), run, device="cpu", progress=False, resume=True)
+    assert int(load_checkpoint(latest_checkpoint(run))["average"]["n_averaged"]) == 2
+
+
 def test_moving_average_decay_outside_zero_one_is_refused(pairs: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--ema 1"):
         train(_settings(pairs, "l1net", ema=1.0), tmp_path / "run", device="cpu")

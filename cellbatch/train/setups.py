@@ -163,7 +163,8 @@ class Setup(abc.ABC):
                 net.load_state_dict(state["models"][name])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
-        if self.average is not None:
+        # A checkpoint written without an average (an older cellbatch, or --ema 0 before) starts one here.
+        if self.average is not None and "average" in state:
             self.average.module.load_state_dict(state["average"]["G"])
             self.average.n_averaged.copy_(state["average"]["n_averaged"])
 
