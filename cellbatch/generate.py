@@ -87,7 +87,10 @@ class Generator:
         self.input_range = tuple(float(v) for v in meta["input_range"])
         self.output_range = tuple(float(v) for v in meta["output_range"])
         self.tile_multiple = int(meta.get("tile_multiple", 1))
-        model.module, self.precision = prepare_module(model.module, precision=precision, device=device)
+        model.module, self.precision = prepare_module(
+            model.module, precision=precision, device=device, fresh=model.fresh_module
+        )
+        model.fresh_module = None  # it holds the file's bytes
 
     @classmethod
     def load(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,9 @@ class ModelFile:
     format: str = "torchscript"
     self_test: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)
+    # Another copy of ``module`` from the same bytes, never run (TorchScript files): what
+    # :func:`cellbatch.precision.prepare_module` recasts, since ``module`` has run its self-test.
+    fresh_module: Callable[[], Any] | None = field(default=None, repr=False)
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -190,7 +194,7 @@ def load_model(
 
         module, stored, selftest, runtime = load_onnx(raw, device=device, source=path)
     else:
-        module, stored, selftest, runtime = _load_torchscript(path, device=device)
+        module, stored, selftest, runtime = _load_torchscript(path, raw, device=device)
     defaults = DEFAULT_GENERATOR_METADATA if kind == "generator" else DEFAULT_CLASSIFIER_METADATA
     metadata = {**defaults, **(stored or {})}
     if metadata.get("kind") != kind:
@@ -205,10 +209,22 @@ def load_model(
         format=model_format(path),
         self_test=self_test,
         runtime=runtime,
+        fresh_module=None if model_format(path) == "onnx" else lambda: _script_module(raw, device),
     )
 
 
-def _load_torchscript(path: Path, *, device: str) -> tuple[Any, dict[str, Any] | None, bytes | None, dict[str, Any]]:
+def _script_module(raw: bytes, device: str) -> Any:
+    import torch
+
+    with torchscript_calls():
+        return torch.jit.load(io.BytesIO(raw), map_location=device).eval()
+
+
+def _load_torchscript(
+    path: Path, raw: bytes, *, device: str
+) -> tuple[Any, dict[str, Any] | None, bytes | None, dict[str, Any]]:
+    """The module in ``raw`` (the bytes read and hashed: what runs is what provenance names), its metadata
+    and self-test, and the runtime."""
     import torch
 
     if not zipfile.is_zipfile(path):
@@ -219,8 +235,7 @@ def _load_torchscript(path: Path, *, device: str) -> tuple[Any, dict[str, Any] |
     stored = read_metadata(path)
     selftest = read_extra_file(path, SELFTEST_NAME, limit=MAX_SELFTEST_BYTES)
     try:
-        with torchscript_calls():
-            module = torch.jit.load(str(path), map_location=device)
+        module = _script_module(raw, device)
     except Exception as exc:  # torch raises RuntimeError, ValueError, ... for unreadable graphs
         saved_by = (stored or {}).get("torch_version", "an unknown torch")
         raise ModelError(
@@ -228,5 +243,4 @@ def _load_torchscript(path: Path, *, device: str) -> tuple[Any, dict[str, Any] |
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; re-export it with this "
             "torch or install the torch that saved it"
         ) from exc
-    module.eval()
     return module, stored, selftest, {"name": "torch", "version": torch.__version__}

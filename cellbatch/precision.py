@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from cellbatch.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -65,16 +67,21 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def prepare_module(module: Any, *, precision: str, device: str) -> tuple[Any, str]:
+def prepare_module(
+    module: Any, *, precision: str, device: str, fresh: Callable[[], Any] | None = None
+) -> tuple[Any, str]:
     """A loaded model with its weights cast to ``precision`` in channels_last layout, and the precision
     it will run at.
 
     Casts parameters and buffers (scripted modules) and the tensor constants of every graph (frozen
     modules, where the weights live), in a copy: a module that has already run (the model file's
     self-test, :mod:`cellbatch.selftest`) keeps the execution plan it compiled with its fp32
-    constants. On CUDA it also turns on cuDNN autotuning: a run feeds thousands of batches of one
-    shape, so the search pays for itself in the first few. A model in another runtime (an ONNX file,
-    :mod:`cellbatch.onnxfile`) is left as it is and runs in fp32.
+    constants. ``fresh`` makes that copy from the file's bytes
+    (:attr:`cellbatch.modelfile.ModelFile.fresh_module`); without it the module is copied through
+    ``torch.jit.save``, whose serialisation alone took 0.32 s of a run's start-up for a thesis-size
+    generator and a classifier. On CUDA it also turns on cuDNN autotuning: a run feeds thousands of
+    batches of one shape, so the search pays for itself in the first few. A model in another runtime
+    (an ONNX file, :mod:`cellbatch.onnxfile`) is left as it is and runs in fp32.
     """
     import io
 
@@ -88,10 +95,13 @@ def prepare_module(module: Any, *, precision: str, device: str) -> tuple[Any, st
         return module, precision
     dtype = torch_dtype(precision)
     if isinstance(module, torch.jit.ScriptModule):
-        buffer = io.BytesIO()
-        torch.jit.save(module, buffer)
-        buffer.seek(0)
-        module = torch.jit.load(buffer, map_location=device)
+        if fresh is not None:
+            module = fresh()
+        else:
+            buffer = io.BytesIO()
+            torch.jit.save(module, buffer)
+            buffer.seek(0)
+            module = torch.jit.load(buffer, map_location=device)
     module.to(dtype)
     for sub in module.modules():
         graph = getattr(sub, "graph", None)

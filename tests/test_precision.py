@@ -40,6 +40,22 @@ def test_prepare_module_casts_the_constants_of_a_frozen_graph():
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in weights)
 
 
+def test_the_bf16_copy_from_the_files_bytes_runs_as_one_copied_through_torch_jit_save():
+    from cellbatch.modelfile import load_model
+
+    model = load_model(DEMO, kind="generator")
+    assert model.fresh_module is not None and model.fresh_module() is not model.module
+    from_bytes, _ = precision.prepare_module(model.module, precision="bf16", device="cpu", fresh=model.fresh_module)
+    from_save, _ = precision.prepare_module(model.module, precision="bf16", device="cpu")
+    x = precision.network_input(torch.rand(2, 3, 256, 256) * 2 - 1, "bf16")
+    with torch.no_grad():
+        assert torch.equal(from_bytes(x), from_save(x))
+    kept = [n.t("value") for n in model.module.graph.nodes()
+            if n.kind() == "prim::Constant" and n.hasAttribute("value") and n.kindOf("value") == "t"]
+    assert all(t.dtype == torch.float32 for t in kept if t.is_floating_point())  # the self-tested module: as read
+    assert Generator(model, precision="bf16").model.fresh_module is None  # the file's bytes are let go
+
+
 @pytest.mark.gpu
 def test_auto_is_a_half_precision_on_cuda():
     assert precision.resolve_precision("auto", "cuda") in ("bf16", "fp16")

@@ -200,7 +200,10 @@ class AgreementCheck:
 
         if not classifier.metadata.get("classes"):
             raise ModelError(f"{classifier.path} does not name its classes: pass --classes a,b,c")
-        classifier.module, self.precision = prepare_module(classifier.module, precision=precision, device=device)
+        classifier.module, self.precision = prepare_module(
+            classifier.module, precision=precision, device=device, fresh=classifier.fresh_module
+        )
+        classifier.fresh_module = None  # it holds the file's bytes
         self.classifier = classifier
         self.classes: list[str] = list(classifier.metadata["classes"])
         self.settings = settings
