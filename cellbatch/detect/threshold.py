@@ -166,9 +166,7 @@ class ThresholdDetector:
 
         labels = _red_cell_labels(image, white)
         cells: list[Cell] = []
-        for i in range(len(seeds)):
-            win, mine = _territory(seeds, i, (sh, sw), CELL_REACH * d)
-            nuc = mine & maps.nucleus[win]
+        for win, mine, nuc in maps.owned(seeds, CELL_REACH * d):
             if not nuc.any():
                 continue
             red_absorbed = 1.0 - balanced[..., 0][win]
@@ -182,10 +180,20 @@ class ThresholdDetector:
         return Detection(cells=tuple(cells), labels=labels)
 
 
+class _Owned(NamedTuple):
+    """What one seed owns at the working scale: its window, its territory in it, and the nucleus there."""
+
+    win: tuple[slice, slice]
+    territory: np.ndarray
+    nucleus: np.ndarray
+
+
 class _Maps:
     """The per-pixel stain maps of one capture at the working scale."""
 
-    __slots__ = ("nucleus", "stained", "dark", "purple", "balanced", "_red_cell_density", "_chromatin_pieces")
+    __slots__ = (
+        "nucleus", "stained", "dark", "purple", "balanced", "_red_cell_density", "_chromatin_pieces", "_owned"
+    )
 
     def __init__(
         self, *, nucleus: np.ndarray, stained: np.ndarray, dark: np.ndarray, purple: np.ndarray, balanced: np.ndarray
@@ -194,6 +202,22 @@ class _Maps:
         self.balanced = balanced
         self._red_cell_density: float | None = None
         self._chromatin_pieces: np.ndarray | None = None
+        self._owned: tuple[tuple[tuple[float, float], ...], list[_Owned]] | None = None
+
+    def owned(self, seeds: list[tuple[float, float]], reach: float) -> list[_Owned]:
+        """Each seed's territory (see :func:`_territory`) and the nucleus pixels in it.
+
+        Kept for the last list of seeds asked about: the acceptance passes, the re-centring and the
+        segmentation ask again for an unchanged list whenever no seed was dropped or moved.
+        """
+        key = tuple(seeds)
+        if self._owned is None or self._owned[0] != key:
+            found = []
+            for i in range(len(seeds)):
+                win, mine = _territory(seeds, i, self.nucleus.shape, reach)
+                found.append(_Owned(win, mine, mine & self.nucleus[win]))
+            self._owned = (key, found)
+        return self._owned[1]
 
     def red_cell_density(self) -> float:
         """Median optical density (mean of R, G, B) of the stained pixels outside nuclei: mostly red cells."""
@@ -352,9 +376,7 @@ def _accepted_seeds(seeds: list[tuple[float, float]], maps: _Maps, d: float) -> 
     reach = CELL_REACH * d
     for final in (False, True):
         kept = []
-        for i, seed in enumerate(seeds):
-            win, mine = _territory(seeds, i, maps.nucleus.shape, reach)
-            nuc = mine & maps.nucleus[win]
+        for seed, (win, mine, nuc) in zip(seeds, maps.owned(seeds, reach), strict=True):
             area = np.count_nonzero(nuc) / (d * d)
             if area >= MIN_NUCLEUS and (not final or area >= LARGE_NUCLEUS or not _platelet(nuc, mine, win, maps, d)):
                 kept.append(seed)
@@ -363,9 +385,8 @@ def _accepted_seeds(seeds: list[tuple[float, float]], maps: _Maps, d: float) -> 
     # until the seed sits in the middle of the whole nucleus.
     for _ in range(2):
         moved = []
-        for i, seed in enumerate(seeds):
-            win, mine = _territory(seeds, i, maps.nucleus.shape, reach)
-            ys, xs = np.nonzero(mine & maps.nucleus[win])
+        for seed, (win, _, nuc) in zip(seeds, maps.owned(seeds, reach), strict=True):
+            ys, xs = np.nonzero(nuc)
             moved.append((float(xs.mean()) + win[1].start, float(ys.mean()) + win[0].start) if len(xs) else seed)
         seeds = moved
     return seeds
