@@ -85,6 +85,9 @@ def write_model_card(files: Mapping[str, Path], metadata: Mapping[str, Any], spe
     for key in ("kind", "architecture", "base_filters", "parameters", "classes", "trained", "setup", "steps"):
         if metadata.get(key) is not None:
             lines.append(f"- `{key}`: {metadata[key]}")
+    ema = (metadata.get("training") or {}).get("ema")
+    if ema:
+        lines.append(f"- weights: the moving average of the generator over its last steps (`--ema {ema:g}`)")
     lines += [
         f"- input: float RGB (N, 3, H, W) in {metadata.get('input_range')}"
         + (f", H and W multiples of {metadata['tile_multiple']}" if metadata["kind"] == "generator" else ""),

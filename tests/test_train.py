@@ -409,8 +409,14 @@ def test_moving_average_is_validated_exported_and_resumed(pairs: Path, tmp_path:
     # the average lags G: its weights and its batch-norm statistics differ from the last step's
     differs = [k for k in a["models"]["G"] if not torch.equal(a["models"]["G"][k], a["average"]["G"][k])]
     assert any(k.endswith("running_mean") for k in differs) and any(k.endswith("weight") for k in differs)
-    generator, _ = generator_from_run(whole)
+    generator, meta = generator_from_run(whole)
     assert all(torch.equal(v, a["average"]["G"][k]) for k, v in generator.state_dict().items())
+    from cellbatch.modelcard import write_model_card
+    from cellbatch.modelfile import read_metadata
+
+    written = export_generator(generator, tmp_path / "g.pt", metadata=meta, check_sizes=(128,))
+    card = write_model_card(written, read_metadata(written["torchscript"]), []).read_text()
+    assert "moving average of the generator over its last steps (`--ema 0.5`)" in card
 
 
 def test_a_run_from_before_the_average_resumes_with_one(pairs: Path, tmp_path: Path) -> None:
