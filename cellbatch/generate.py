@@ -79,7 +79,7 @@ class Generator:
     output = "generated"
 
     def __init__(self, model: ModelFile, *, device: str = "cpu", precision: str = "fp32") -> None:
-        from cellbatch.precision import prepare_module
+        from cellbatch.precision import prepare_model
 
         self.model = model
         self.device = device
@@ -87,10 +87,7 @@ class Generator:
         self.input_range = tuple(float(v) for v in meta["input_range"])
         self.output_range = tuple(float(v) for v in meta["output_range"])
         self.tile_multiple = int(meta.get("tile_multiple", 1))
-        model.module, self.precision = prepare_module(
-            model.module, precision=precision, device=device, fresh=model.fresh_module
-        )
-        model.fresh_module = None  # it holds the file's bytes
+        self.precision = prepare_model(model, precision=precision, device=device)
 
     @classmethod
     def load(

@@ -189,7 +189,8 @@ def load_model(
             f"model file {path} has sha256 {digest}, not the expected {expected_sha256}: "
             "check that the right file was deployed"
         )
-    if model_format(path) == "onnx":
+    fmt = model_format(path)
+    if fmt == "onnx":
         from cellbatch.onnxfile import load_onnx
 
         module, stored, selftest, runtime = load_onnx(raw, device=device, source=path)
@@ -206,10 +207,10 @@ def load_model(
         metadata=metadata,
         sha256=digest,
         has_metadata=stored is not None,
-        format=model_format(path),
+        format=fmt,
         self_test=self_test,
         runtime=runtime,
-        fresh_module=None if model_format(path) == "onnx" else lambda: _script_module(raw, device),
+        fresh_module=None if fmt == "onnx" else lambda: _script_module(raw, device),
     )
 
 

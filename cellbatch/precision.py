@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
     import torch
 
+    from cellbatch.modelfile import ModelFile
+
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
@@ -111,6 +113,16 @@ def prepare_module(
             if node.kind() == "prim::Constant" and node.hasAttribute("value") and node.kindOf("value") == "t":
                 node.t_("value", _cast_constant(node.t("value"), dtype))
     return module, precision
+
+
+def prepare_model(model: ModelFile, *, precision: str, device: str) -> str:
+    """:func:`prepare_module` on a loaded model file, in place; returns the precision it will run at.
+
+    Uses the file's never-run copy and lets go of it afterwards (it holds the file's bytes).
+    """
+    model.module, resolved = prepare_module(model.module, precision=precision, device=device, fresh=model.fresh_module)
+    model.fresh_module = None
+    return resolved
 
 
 def _cast_constant(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

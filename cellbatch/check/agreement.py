@@ -196,14 +196,11 @@ class AgreementCheck:
         device: str = "cpu",
         precision: str = "fp32",
     ) -> None:
-        from cellbatch.precision import prepare_module
+        from cellbatch.precision import prepare_model
 
         if not classifier.metadata.get("classes"):
             raise ModelError(f"{classifier.path} does not name its classes: pass --classes a,b,c")
-        classifier.module, self.precision = prepare_module(
-            classifier.module, precision=precision, device=device, fresh=classifier.fresh_module
-        )
-        classifier.fresh_module = None  # it holds the file's bytes
+        self.precision = prepare_model(classifier, precision=precision, device=device)
         self.classifier = classifier
         self.classes: list[str] = list(classifier.metadata["classes"])
         self.settings = settings
