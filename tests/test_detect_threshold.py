@@ -348,3 +348,18 @@ def test_fast_median_and_percentile_give_numpys_floats() -> None:
         values = (rng.random(n) * rng.choice([1.0, 7.0])).astype(np.float32)
         assert float(_median(values)) == float(np.median(values))
         assert float(_percentile75(values)) == float(np.percentile(values, 75))
+
+
+def test_optical_density_table_gives_the_floats_of_the_logarithm() -> None:
+    """The per-channel table behind ``_Maps.mean_density`` equals ``_density`` of each white-balanced pixel."""
+    from cellbatch.detect.threshold import _density, _Maps
+
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    small[0, :3] = 0  # below the 1/255 floor of the logarithm
+    for white in (np.array([231.0, 224.0, 219.0], np.float32), np.array([1.0, 255.0, 97.0], np.float32)):
+        balanced = small.astype(np.float32) * (1.0 / white)
+        maps = _Maps(nucleus=balanced[..., 0] > 2, stained=balanced[..., 0] > 2, dark=balanced[..., 0],
+                     purple=balanced[..., 0], balanced=balanced, small=small, white=white)
+        od = _density(balanced)
+        np.testing.assert_array_equal(maps.mean_density(), (od[..., 0] + od[..., 1] + od[..., 2]) / 3)
