@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import pickle
-import platform
 import subprocess
 import sys
 import tempfile
@@ -204,9 +203,10 @@ def main() -> None:
         args.chunk = RunSettings().chunk_captures
 
     from cellbatch.extract import capture_refs
+    from cellbatch.modelcard import cpu_name
     from cellbatch.read import discover_slides
 
-    report: dict = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, no GPU used",
+    report: dict = {"machine": f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores, no GPU used",
                     "load_average_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         src = build_captures(Path(tmp), args.captures, args.pool)

@@ -35,7 +35,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -45,6 +44,7 @@ import numpy as np  # noqa: E402
 
 from cellbatch.detect.base import DetectSettings  # noqa: E402
 from cellbatch.evaluate import evaluate_centred  # noqa: E402
+from cellbatch.modelcard import cpu_name  # noqa: E402
 from cellbatch.registry import detectors  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -101,7 +101,7 @@ def measure(captures: list[np.ndarray], detector_name: str, cell_diameter: float
         "detect_over_decode": detect_ms / decode_ms,
         "budget_ms": BUDGET_MS,
         "within_budget": detect_ms <= BUDGET_MS,
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "opencv": cv2.__version__,
         "numpy": np.__version__,
     }

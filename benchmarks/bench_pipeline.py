@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -41,16 +40,15 @@ STARTUP_CAPTURES = 4  # a run this small is all start-up: its time is what every
 
 
 def machine(device: str) -> str:
-    import os
-
     import torch
 
-    from cellbatch.precision import cpu_has_native_bf16
+    from cellbatch.modelcard import cpu_name
+    from cellbatch.precision import cpu_bf16_instructions
 
     cores = len(os.sched_getaffinity(0))
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "no GPU used"
-    cpu = platform.processor() or platform.machine()
-    return (f"{cores} cores ({cpu}, native bf16: {cpu_has_native_bf16()}), {name}, torch {torch.__version__}, "
+    bf16 = ", ".join(cpu_bf16_instructions()) or "none"
+    return (f"{cores} cores ({cpu_name()}, native bf16: {bf16}), {name}, torch {torch.__version__}, "
             f"torch threads {torch.get_num_threads()}")
 
 

@@ -32,19 +32,30 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with AMX-BF16 or AVX512-BF16 (the oneDNN kernels torch uses for bf16 convolutions)."""
+    return bool(cpu_bf16_instructions())
+
+
+def cpu_bf16_instructions() -> list[str]:
+    """The native bf16 instruction sets of this CPU that oneDNN uses: ``AMX-BF16``, ``AVX512-BF16``, both or none.
+
+    Benchmarks name them beside the CPU's model: bf16 speed depends on which a machine has.
+    """
     import torch
 
+    found = set()
     if "AMX" in torch.backends.cpu.get_cpu_capability().upper():
-        return True
+        found.add("AMX-BF16")
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
             for line in fh:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+                    found |= {name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
+                              if flag in flags}
+                    break
     except OSError:
         pass
-    return False
+    return sorted(found)
 
 
 def resolve_precision(precision: str, device: str) -> str:
