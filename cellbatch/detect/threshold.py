@@ -39,6 +39,7 @@ cells absorb most.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import cv2
@@ -108,6 +109,20 @@ MIN_RADIUS = 0.2
 _RAY_ANGLES = np.linspace(0.0, 2.0 * np.pi, N_RAYS, endpoint=False)
 _RAY_COS = np.cos(_RAY_ANGLES).astype(np.float32)
 _RAY_SIN = np.sin(_RAY_ANGLES).astype(np.float32)
+_RAY_INDEX = np.arange(N_RAYS)
+
+
+@functools.lru_cache(maxsize=8)
+def _rays(reach: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample radii every half pixel up to ``reach``, and each ray's x and y offsets at them (float32).
+
+    One reach per cell diameter, so a detector computes these once, not for every blob.
+    """
+    rho = np.arange(0.0, reach, 0.5, dtype=np.float32)
+    tables = (rho, _RAY_COS[:, None] * rho, _RAY_SIN[:, None] * rho)
+    for table in tables:
+        table.flags.writeable = False  # shared between calls
+    return tables
 
 _DEFAULT_SETTINGS = DetectSettings()
 
@@ -459,17 +474,19 @@ def _cell_circle(nuc: np.ndarray, stained: np.ndarray, reach: float, d: float) -
     nucleus' position inside it.
     """
     h, w = nuc.shape
-    ys, xs = np.nonzero(nuc)
-    cx, cy = float(xs.mean()), float(ys.mean())
-    rho = np.arange(0.0, reach, 0.5, dtype=np.float32)
-    px = cx + _RAY_COS[:, None] * rho
-    py = cy + _RAY_SIN[:, None] * rho
+    # the centroid from integer moments: the same floats as the mean of the pixel coordinates
+    moments = cv2.moments(nuc.view(np.uint8), binaryImage=True)
+    cx, cy = moments["m10"] / moments["m00"], moments["m01"] / moments["m00"]
+    rho, ray_x, ray_y = _rays(reach)
+    px = cx + ray_x
+    py = cy + ray_y
     ix, iy = np.round(px).astype(np.intp), np.round(py).astype(np.intp)
     inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
-    on = inside & stained[np.clip(iy, 0, h - 1), np.clip(ix, 0, w - 1)]
+    # a sample off the window reads some other pixel of it, and ``inside`` discards it
+    on = inside & stained.ravel().take(iy * w + ix, mode="clip")
     last = len(rho) - 1
     stop = np.where(on.all(axis=1), last, np.argmin(on, axis=1))
-    rays = np.arange(N_RAYS)
+    rays = _RAY_INDEX
     r = rho[stop]
     clean = inside[rays, stop] & (stop < last)
     if np.count_nonzero(clean) >= 3:
