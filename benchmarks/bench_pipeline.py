@@ -6,6 +6,8 @@ On synthetic DM1200-look captures it times
   (b) each device stage alone on ready crops, at the chosen precision and batch size: the generator,
       HM, display and the classifier check (input and output classified), each as upload, stage,
       download; and all of them chained, which is what the run's consumer does per batch;
+  (w) the slide writer alone on those cells (CSV rows, Zarr compression; beside the consumer in a
+      run, so not part of the ratio below: a writer slower than the device would cap a GPU run);
   (c) the whole run (``cellbatch.api.convert`` with ``--model G --normalise hm:P --normalise display
       --classifier C``: also writing and provenance);
 
@@ -114,6 +116,28 @@ def time_stages(stages: Any, crops: np.ndarray, masks: np.ndarray, batch_size: i
     start = time.perf_counter()
     for i in range(0, len(crops), batch_size):
         stages.process(crops[i : i + batch_size], masks[i : i + batch_size])
+    return time.perf_counter() - start
+
+
+def bench_writer(stages: Any, crops: np.ndarray, masks: np.ndarray, batch_size: int, tmp: Path) -> float:
+    """Seconds for a slide's writer to store every cell of ``crops`` with the run's arrays and columns.
+
+    The arrays are those a run with ``stages`` writes (crop, mask, generated, normalised); their
+    content comes from one pass of the stages, since compression time depends on it. The writer
+    runs beside the consumer in a run; alone it shows whether it could keep up with a faster device.
+    """
+    from cellbatch.write import SlideWriter
+
+    outputs = [stages.process(crops[i : i + batch_size], masks[i : i + batch_size])
+               for i in range(0, len(crops), batch_size)]
+    rows = [[{"source": "bench", "frame": 0} for _ in range(len(batch["crop"]))] for batch in outputs]
+    (tmp / "writer").mkdir()
+    writer = SlideWriter(tmp / "writer" / "slide", out_root=tmp / "writer", arrays=stages.arrays(crops.shape[1]),
+                         columns=stages.columns())
+    start = time.perf_counter()
+    for batch_rows, batch in zip(rows, outputs, strict=True):
+        writer.add(batch_rows, batch)
+    writer.commit({"slide": "bench"})
     return time.perf_counter() - start
 
 
@@ -261,6 +285,7 @@ def main() -> None:
         stages = load_stages(model, profile, classifier, device=device, precision=precision, batch_size=16)
         batch_size = resolve_batch_size(args.batch_size, stages, crop_size=crops.shape[1])
         device_s = bench_device_stages(stages, crops, masks, batch_size)
+        writer_s = bench_writer(stages, crops, masks, batch_size, tmp)
         run_args = dict(model=model, profile=profile, classifier=classifier, device=device, batch_size=batch_size,
                         workers=args.workers, processes=args.processes)
         small = first_captures(slide_dir, tmp, STARTUP_CAPTURES)
@@ -268,6 +293,7 @@ def main() -> None:
         run_s, run_cells, _ = bench_run(slide_dir, tmp / "out", precision=precision, **run_args)
         rows = {"(a) read+detect+crop": extract_s / n_cells}
         rows.update({f"(b) {name}": s / n_cells for name, s in device_s.items()})
+        rows["(w) writer alone"] = writer_s / n_cells  # beside the consumer in a run: not in min(a, b)
         rows["(c) whole run"] = run_s / run_cells
         # start-up (imports, model self-test, cluster) is paid once per run, whatever its size
         rows["(c) whole run, past start-up"] = (run_s - startup_s) / (run_cells - startup_cells)

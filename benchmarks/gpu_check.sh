@@ -4,6 +4,7 @@
 # with 14 worker processes and the thesis-size generator (base width 32, 16 M parameters) at
 # --precision auto (bf16) and --batch-size auto, with the fp32 whole run and the bf16 parity line.
 # Targets on an H200: (b) generator alone >= 6,000 crops/s; (c) whole run >= 0.85 of (a), the CPU stage.
+# The (w) row, the slide writer alone, shows whether writing could keep up with the generator there.
 # About 5 minutes. Needs the carried wheels in .whl (dask, distributed, zarr and their needs) where absent.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # TRAIN_SECONDS=150 adds a short pcNET training
 set -uo pipefail
