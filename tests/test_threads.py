@@ -160,6 +160,41 @@ def test_the_cli_sets_the_wait_policy_for_the_command_it_runs():
     assert policies == {"run": "PASSIVE", "train": "unset"}
 
 
+def _refault_count(command: str, **env: str) -> int:
+    """Page faults of allocating a 64 MiB block again after freeing it, in a fresh process set up for ``command``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys\n"
+        "import numpy as np\n"
+        "from cellbatch.threads import prepare_native_runtimes\n"
+        "prepare_native_runtimes(sys.argv[1])\n"
+        "block = np.ones(64 * 2**20, np.uint8)\n"
+        "del block\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "block = np.ones(64 * 2**20, np.uint8)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code, command], env={**clean, **env}, capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_run_reuses_freed_memory_unless_the_user_tuned_malloc():
+    """glibc unmaps a freed large block and faults a new one in page by page; a run keeps it for reuse."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
+        pytest.skip("malloc tuning applies to glibc on Linux only")
+    # 64 MiB is at least 32 faults however large the pages (2 MiB transparent huge pages at most)
+    assert _refault_count("run") <= 4
+    assert _refault_count("train") >= 16  # torch has the cores to itself there: left as it is
+    assert _refault_count("run", MALLOC_TRIM_THRESHOLD_="131072") >= 16  # the user's own tuning stands
+
+
 def _processes(processes="auto", *, cores=2, remote=False, generator_on_cpu=False, importable=True, captures=5000):
     def count():
         if captures is None:
