@@ -83,6 +83,10 @@ def convert(
 
     With ``shard=(I, N)`` the run does its share of the slides beside other runs into the same
     ``out`` (see :mod:`cellbatch.shard`): the report lists its own slides, ``out/run.json`` all of them.
+
+    Like the CLI, it sets up this process's native runtimes for a run first
+    (:func:`cellbatch.threads.prepare_native_runtimes`): thread pools not yet loaded, and on glibc a
+    malloc that keeps freed memory for reuse for the rest of the process's life.
     """
     from cellbatch.threads import apply_budget, prepare_native_runtimes, thread_budget, worker_processes
 

@@ -221,10 +221,11 @@ def keep_freed_memory() -> bool:
     when it is freed, and trims the heap's free top: every batch of a run then faults its activations,
     concatenations and crop stacks in again, page by page, while the CPU stage's threads and the
     writer fault into the same address space. Kept instead, a 400-capture run with the thesis-size
-    generator on the 2-core machine took 21.3-23.9 ms a cell against 22.6-25.9 (three alternated
-    pairs of processes, two runs each; docs/devices.md). This sets it for the whole process, for as
-    long as it runs (the freed memory is reused, not returned, up to 1 GiB). Left alone where the
-    user set any ``MALLOC_*`` tunable, and off glibc.
+    generator on the 2-core machine took 21.6-23.7 ms a cell against 22.9-30.7, with 9-51 page faults
+    a cell against 310-384 (three alternated pairs of processes, two runs each; docs/devices.md);
+    training steps did not change, so ``train`` is left alone. This holds for the whole process, for
+    as long as it runs (freed memory is reused, not returned, up to 1 GiB). Left alone where the user
+    set any ``MALLOC_*`` tunable, and off glibc.
     """
     if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_ENVIRONMENT):
         return False
