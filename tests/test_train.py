@@ -336,7 +336,7 @@ def test_time_limit_fills_unset_options_from_the_device_recipe(monkeypatch: pyte
     thesis = resolve_settings(TrainSettings(setup="l1net", pairs="p"), "cpu")
     assert (thesis.base_filters, thesis.lr, thesis.crop, thesis.batch_size) == (32, 2e-4, None, 8)
     assert (thesis.bf16, thesis.lr_schedule, thesis.predict) == (False, "constant", "image")
-    monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(recipe, "cpu_has_native_bf16", lambda: True)
     budget = resolve_settings(TrainSettings(setup="l1net", pairs="p", time_limit=600), "cpu")
     cpu = recipe.RECIPES["cpu"]
     assert (budget.base_filters, budget.lr, budget.crop, budget.bf16) == (cpu.base_filters, cpu.lr, cpu.crop, True)
@@ -352,7 +352,7 @@ def test_time_limit_fills_unset_options_from_the_device_recipe(monkeypatch: pyte
         "cpu",
     )
     assert (mine.bf16, mine.predict, mine.base_filters, mine.crop, mine.ema) == (False, "image", 16, None, 0.0)
-    monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: False)  # emulated bfloat16 is slower: off
+    monkeypatch.setattr(recipe, "cpu_has_native_bf16", lambda: False)  # emulated bfloat16 is slower: off
     assert resolve_settings(TrainSettings(setup="l1net", pairs="p", time_limit=600), "cpu").bf16 is False
 
 

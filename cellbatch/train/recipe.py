@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
+from cellbatch.precision import cpu_has_native_bf16
+
 if TYPE_CHECKING:
     from cellbatch.train.loop import TrainSettings
 
@@ -54,19 +56,10 @@ RECIPES: dict[str, Recipe] = {
 }  # fmt: skip
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16); elsewhere it is emulated, slower."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def recipe_for(device_type: str) -> Recipe:
     recipe = RECIPES["cuda" if device_type == "cuda" else "cpu"]
-    if device_type != "cuda" and recipe.bf16 and not cpu_has_bf16():
+    # bfloat16 only where the CPU computes it natively (AMX or AVX512-BF16): emulated, it is slower
+    if device_type != "cuda" and recipe.bf16 and not cpu_has_native_bf16():
         recipe = replace(recipe, bf16=False)
     return recipe
 
