@@ -11,12 +11,12 @@ On synthetic DM1200-look captures it times
   (c) the whole run (``cellbatch.api.convert`` with ``--model G --normalise hm:P --normalise display
       --classifier C``: also writing and provenance);
 
-and prints captures/s, cells/s, ms per cell, and (c) / min(a, b chained): 1.0 means the run is as
-fast as its slowest side. It then runs (c) again at fp32 to print the end-to-end ms per cell at both
-precisions, and the parity of the chosen precision against fp32 on the demo model
-(``examples/demo-model/demo-l1net.pt``): mean absolute difference of generated crops (grey levels)
-and agreement of a classifier's decisions (a small classifier trained here on the synthetic cell
-types, so its decisions have realistic margins).
+and prints captures/s, cells/s, ms per cell, the whole run's page faults and kernel CPU a cell (in
+this process), and (c) / min(a, b chained): 1.0 means the run is as fast as its slowest side. It
+then runs (c) again at fp32 to print the end-to-end ms per cell at both precisions, and the parity
+of the chosen precision against fp32 on the demo model (``examples/demo-model/demo-l1net.pt``): mean
+absolute difference of generated crops (grey levels) and agreement of a classifier's decisions (a
+small classifier trained here on the synthetic cell types, so its decisions have realistic margins).
 
 The generator is an untrained U-Net of ``--base-filters`` width (32: thesis size, about 16 M
 parameters); speed does not depend on the weights. Run from the repository root::
@@ -170,17 +170,25 @@ def first_captures(slide_dir: Path, tmp: Path, count: int) -> Path:
 
 def bench_run(slide_dir: Path, out: Path, *, model: Path, profile: Path, classifier: Path, device: str,
               precision: str, batch_size: int | str, workers: int | None, processes: int) -> tuple[float, int, dict]:
-    """(c): whole-run seconds, cells, and the run's summary."""
+    """(c): whole-run seconds, cells, and the run's summary, with this process's page faults and
+    kernel CPU seconds during the run under ``"usage"`` (memory faulted in again batch after batch
+    shows there: docs/devices.md, "Freed memory kept for reuse")."""
+    import resource
+
     from cellbatch.api import convert
 
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     report = convert([slide_dir], out, model=model, device=device, precision=precision, batch_size=batch_size,
                      normalise=[f"hm:{profile}", "display"], classifier=classifier, workers=workers,
                      processes=processes, force=True, command=["bench_pipeline"])
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
     summary = report.to_dict()
     if report.exit_code != 0:
         raise SystemExit(f"the benchmark run failed: {summary['failures'][:3]}")
+    summary["usage"] = {"page_faults": after.ru_minflt - before.ru_minflt,
+                        "kernel_cpu_s": after.ru_stime - before.ru_stime}
     return seconds, summary["cells"], summary
 
 
@@ -290,7 +298,7 @@ def main() -> None:
                         workers=args.workers, processes=args.processes)
         small = first_captures(slide_dir, tmp, STARTUP_CAPTURES)
         startup_s, startup_cells, _ = bench_run(small, tmp / "out-small", precision=precision, **run_args)
-        run_s, run_cells, _ = bench_run(slide_dir, tmp / "out", precision=precision, **run_args)
+        run_s, run_cells, run_summary = bench_run(slide_dir, tmp / "out", precision=precision, **run_args)
         rows = {"(a) read+detect+crop": extract_s / n_cells}
         rows.update({f"(b) {name}": s / n_cells for name, s in device_s.items()})
         rows["(w) writer alone"] = writer_s / n_cells  # beside the consumer in a run: not in min(a, b)
@@ -305,6 +313,8 @@ def main() -> None:
         result.update({
             "captures": n_captures, "cells": n_cells, "base_filters": args.base_filters, "batch_size": batch_size,
             "image_format": args.format, "startup_seconds": startup_s,
+            "whole_run_per_cell": {"page_faults": run_summary["usage"]["page_faults"] / run_cells,
+                                   "kernel_cpu_ms": 1000 * run_summary["usage"]["kernel_cpu_s"] / run_cells},
             "seconds_per_cell": rows, "ratio_run_over_slowest": slowest / rows["(c) whole run"],
             "ratio_past_startup": slowest / rows["(c) whole run, past start-up"],
         })
@@ -321,6 +331,9 @@ def main() -> None:
         print(f"{name:30} {1 / spc:9.1f} {1000 * spc:9.2f} {n_captures / n_cells / spc:11.2f}")
     print(f"start-up (a run of {STARTUP_CAPTURES} captures): {result['startup_seconds']:.1f} s; "
           f"capture files: {args.format}")
+    usage = result["whole_run_per_cell"]
+    print(f"whole run, this process: {usage['page_faults']:.0f} page faults and {usage['kernel_cpu_ms']:.1f} ms "
+          "of kernel CPU a cell")
     print(f"ratio (c) / min(a, b chained) = {result['ratio_run_over_slowest']:.3f} whole run, "
           f"{result['ratio_past_startup']:.3f} past start-up")
     for line in target_lines(args.targets, rows, result):
