@@ -214,6 +214,17 @@ _KEEP_FREED_BYTES = 1 << 30
 _MALLOC_ENVIRONMENT = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library when it is glibc on Linux (the one whose malloc takes these parameters), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
 def keep_freed_memory() -> bool:
     """Have glibc's malloc serve every block from its heap and keep freed memory for reuse; True if set.
 
@@ -227,15 +238,10 @@ def keep_freed_memory() -> bool:
     as long as it runs (freed memory is reused, not returned, up to 1 GiB). Left alone where the user
     set any ``MALLOC_*`` tunable, and off glibc.
     """
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_ENVIRONMENT):
+    libc = glibc()
+    if libc is None or any(name in os.environ for name in _MALLOC_ENVIRONMENT):
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: other C libraries lack these parameters
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
 

@@ -184,10 +184,9 @@ def _refault_count(command: str, **env: str) -> int:
 
 def test_a_run_reuses_freed_memory_unless_the_user_tuned_malloc():
     """glibc unmaps a freed large block and faults a new one in page by page; a run keeps it for reuse."""
-    import ctypes
-    import sys
+    from cellbatch.threads import glibc
 
-    if not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
+    if glibc() is None:
         pytest.skip("malloc tuning applies to glibc on Linux only")
     # 64 MiB is at least 32 faults however large the pages (2 MiB transparent huge pages at most)
     assert _refault_count("run") <= 4
