@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,6 +120,7 @@ def convert(
         batch_size=1 if batch_size == "auto" else int(batch_size), device=resolved,
         precision=resolve_precision(precision, resolved), normalise=tuple(s for s in normalise if s != "none"),
         force=force, scheduler=scheduler, workers=budget.dask_workers, processes=processes, threads=budget.cores,
+        stage_threads=budget.stage_threads, torch_threads=budget.torch,
     )
     stages = load_stages(settings, model=model, model_sha256=model_sha256, classifier=classifier, classes=classes,
                          reference=reference, min_agreement=min_agreement, min_confidence=min_confidence,
@@ -148,7 +149,7 @@ def convert(
             report.notes.append(f"model {model} is UNTRAINED (exported with --untrained): "
                                 "its output is not a conversion")
             on_warning(report.notes[-1])
-    with RunLock(out, shared=shard is not None), run_log(out) as log, \
+    with closing(stages), RunLock(out, shared=shard is not None), run_log(out) as log, \
             dask_client(scheduler, budget.dask_workers, processes=processes) as client, \
             shard_claims(out, shard) as claims:
         log.info("cellbatch %s: %s", __version__, " ".join(report.command))
@@ -307,7 +308,7 @@ def load_stages(
     from cellbatch.registry import normalisers
     from cellbatch.stages import NormaliserStage
 
-    stages = Stages(device=settings.device)
+    stages = Stages(device=settings.device, threads=settings.stage_threads, torch_threads=settings.torch_threads)
     for spec in settings.normalise:  # first: a bad name or option is a bad command line (exit 2)
         name, arg = parse_spec(spec)
         stages.normalisers.append(NormaliserStage(normalisers.get(name)(arg), device=settings.device))

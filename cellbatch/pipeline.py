@@ -13,8 +13,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +63,8 @@ class RunSettings:
     workers: int | None = None
     processes: int = 0
     threads: int | None = None  # cores the run's thread budget shared out (cellbatch.threads)
+    stage_threads: int = 1  # threads applying the device stages to batches on a CPU (cellbatch.threads)
+    torch_threads: int | None = None  # torch threads in each of them
 
     def key_parameters(self) -> dict[str, Any]:
         """The settings that change a slide's bytes (device and scheduling do not, on CPU)."""
@@ -289,7 +293,10 @@ class Stages:
     """The loaded per-batch stages: generator, normalisers and agreement check, any of them absent.
 
     Generator and normalisers are :class:`~cellbatch.stages.Stage` s applied in that order on
-    ``device``; the check classifies the input and the last image on the device too.
+    ``device``; the check classifies the input and the last image on the device too. On a CPU
+    device with ``threads`` > 1, each batch is computed in one of that many threads, with the
+    torch threads ``torch_threads`` each (:func:`cellbatch.threads.thread_budget` decides both), so
+    several batches are in flight at once; their results still come back in submission order.
     """
 
     generator: Stage | None = None
@@ -298,7 +305,11 @@ class Stages:
     device: str = "cpu"
     max_batch: int | None = None  # set when a batch ran out of device memory
     notes: list[str] = field(default_factory=list)  # for run.json
+    threads: int = 1
+    torch_threads: int | None = None  # None: torch's own setting, inherited by new threads
     _transfer: Transfer | None = field(default=None, init=False, repr=False)
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _halving: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def ordered(self) -> list[Stage]:
         return ([self.generator] if self.generator is not None else []) + list(self.normalisers)
@@ -313,17 +324,43 @@ class Stages:
         return CELL_COLUMNS + (CHECK_COLUMNS if self.check is not None else ())
 
     def submit(self, crops: np.ndarray, masks: np.ndarray) -> InFlight:
-        """Upload a batch, queue every stage on the device and start the downloads; returns at once on CUDA.
+        """Upload a batch, queue every stage on the device and start the downloads; returns at once on
+        CUDA, and on a CPU with stage threads (one of them computes the batch).
 
         Out of device memory, the batch is halved and retried, and later batches are split to the
         size that fitted (noted in ``notes``): no cell is lost.
         """
+        if self._transfer is None:
+            self._transfer = Transfer(self.device)
+        if not self._threaded():
+            return InFlight(crops=crops, masks=masks, downloads=self._queue_fitting(crops, masks))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cellbatch-stages",
+                                            initializer=_set_torch_threads, initargs=(self.torch_threads,))
+        return InFlight(crops=crops, masks=masks, downloads=[Pending(self._pool.submit(self._computed, crops, masks))])
+
+    @property
+    def in_flight(self) -> int:
+        """Batches to keep submitted before waiting for the oldest: one per stage thread on a CPU; on
+        CUDA one (queued on the device while the host writes the one before)."""
+        return self.threads if self._threaded() else 1
+
+    def _threaded(self) -> bool:
+        return self.threads > 1 and not self.device.startswith("cuda")
+
+    def _computed(self, crops: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch's arrays on the host, computed in the calling (stage) thread."""
+        return joined_arrays([download.wait() for download in self._queue_fitting(crops, masks)])
+
+    def _queue_fitting(self, crops: np.ndarray, masks: np.ndarray) -> list[Download]:
+        """Queue the stages on the batch in parts of at most ``max_batch`` crops, halving it when the
+        device runs out of memory."""
         if self.max_batch is not None and len(crops) > self.max_batch:
             m = self.max_batch
-            return InFlight.joined(crops, masks, [self.submit(crops[i : i + m], masks[i : i + m])
-                                                  for i in range(0, len(crops), m)])
+            return [download for i in range(0, len(crops), m)
+                    for download in self._queue_fitting(crops[i : i + m], masks[i : i + m])]
         try:
-            return self._submit(crops, masks)
+            return [self._queue(crops, masks)]
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -332,23 +369,29 @@ class Stages:
                                  "or a smaller model") from exc
         # retried outside the except block: the failed attempt's tensors go with its traceback
         self._release_memory()
-        self.max_batch = len(crops) // 2
-        self.notes.append(f"out of memory on {self.device} with a batch of {len(crops)} crops: "
-                          f"halved to {self.max_batch} and retried (no cell lost)")
-        return self.submit(crops, masks)
+        with self._halving:  # stage threads that ran out at once halve the batch once
+            if self.max_batch is None or self.max_batch > len(crops) // 2:
+                self.max_batch = len(crops) // 2
+                self.notes.append(f"out of memory on {self.device} with a batch of {len(crops)} crops: "
+                                  f"halved to {self.max_batch} and retried (no cell lost)")
+        return self._queue_fitting(crops, masks)
 
-    def _submit(self, crops: np.ndarray, masks: np.ndarray) -> InFlight:
-        if self._transfer is None:
-            self._transfer = Transfer(self.device)
+    def _queue(self, crops: np.ndarray, masks: np.ndarray) -> Download:
         batch = run_stages(self.ordered(), self._transfer.upload(crops, masks))
         downloads = dict(batch.arrays)
         if self.check is not None:
             downloads.update(self.check.score(batch.crops, batch.image))
-        return InFlight(crops=crops, masks=masks, downloads=[self._transfer.download(downloads)])
+        return self._transfer.download(downloads)
 
     def process(self, crops: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
         """Every image array of one batch on the host: ``crop``, ``mask`` and each stage's output."""
         return self.submit(crops, masks).arrays()
+
+    def close(self) -> None:
+        """Let the stage threads end once their batches are done (a later submit starts new ones)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def largest_batch(self, crop_size: int, *, limit: int) -> int:
         """The largest power-of-two batch up to ``limit`` that the stages run without running out of memory.
@@ -361,7 +404,9 @@ class Stages:
             crops = rng.integers(0, 256, (n, crop_size, crop_size, 3), dtype=np.uint8)
             masks = rng.integers(0, 4, (n, crop_size, crop_size), dtype=np.uint8)
             try:
-                self._submit(crops, masks).results()
+                if self._transfer is None:
+                    self._transfer = Transfer(self.device)
+                self._queue(crops, masks).wait()
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -380,26 +425,43 @@ class Stages:
             torch.cuda.empty_cache()
 
 
+def joined_arrays(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays of one batch from those of its consecutive parts."""
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    # torch's thread count belongs to the thread that sets it (OpenMP's per-thread setting)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class Pending:
+    """A batch's arrays being computed in a stage thread; :meth:`wait` returns them (or raises its error)."""
+
+    future: Future
+
+    def wait(self) -> dict[str, np.ndarray]:
+        return self.future.result()
+
+
 @dataclass
 class InFlight:
     """A batch whose device work is queued: its input on the host and its outputs on their way back."""
 
     crops: np.ndarray
     masks: np.ndarray
-    downloads: list[Download]
+    downloads: list[Download | Pending]
     _done: dict[str, np.ndarray] | None = None
-
-    @classmethod
-    def joined(cls, crops: np.ndarray, masks: np.ndarray, parts: list[InFlight]) -> InFlight:
-        """One batch made of consecutive parts submitted separately."""
-        return cls(crops=crops, masks=masks, downloads=[d for part in parts for d in part.downloads])
 
     def results(self) -> dict[str, np.ndarray]:
         if self._done is None:
-            parts = [d.wait() for d in self.downloads]
-            self._done = parts[0] if len(parts) == 1 else {
-                name: np.concatenate([part[name] for part in parts]) for name in parts[0]
-            }
+            self._done = joined_arrays([d.wait() for d in self.downloads])
         return self._done
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -415,7 +477,8 @@ class SlideRun:
     """The cells of one slide flowing from extraction results to its writer, in batches.
 
     A batch is submitted to the device before the previous one is written, so on CUDA the device
-    computes one batch while this process writes the last one and gathers the next.
+    computes one batch while this process writes the last one and gathers the next; on a CPU, the
+    stage threads compute their batches while this thread writes the oldest (``Stages.in_flight``).
     """
 
     def __init__(self, plan: SlidePlan, stages: Stages, settings: RunSettings, out: Path) -> None:
@@ -433,7 +496,7 @@ class SlideRun:
         self._rows: list[dict[str, Any]] = []
         self._crops: list[np.ndarray] = []
         self._masks: list[np.ndarray] = []
-        self._in_flight: tuple[list[dict[str, Any]], InFlight] | None = None
+        self._in_flight: deque[tuple[list[dict[str, Any]], InFlight]] = deque()
 
     def add(self, results: list[CaptureResult]) -> int:
         cells = 0
@@ -460,9 +523,9 @@ class SlideRun:
         rows, self._rows = self._rows[:n], self._rows[n:]
         crops, self._crops = np.stack(self._crops[:n]), self._crops[n:]
         masks, self._masks = np.stack(self._masks[:n]), self._masks[n:]
-        previous, self._in_flight = self._in_flight, (rows, self.stages.submit(crops, masks))
-        if previous is not None:
-            self._write(*previous)
+        self._in_flight.append((rows, self.stages.submit(crops, masks)))
+        while len(self._in_flight) > self.stages.in_flight:
+            self._write(*self._in_flight.popleft())
 
     def _write(self, rows: list[dict[str, Any]], batch: InFlight) -> None:
         arrays = batch.arrays()
@@ -477,9 +540,8 @@ class SlideRun:
     def commit(self, provenance_base: dict[str, Any]) -> SlideReport:
         if self._rows:
             self._flush(len(self._rows))
-        if self._in_flight is not None:
-            self._write(*self._in_flight)
-            self._in_flight = None
+        while self._in_flight:
+            self._write(*self._in_flight.popleft())
         check = None
         if self.stages.check is not None:
             check = self.stages.check.finish_slide(self.check_state, self.writer.folder)

@@ -41,13 +41,16 @@ class ThreadBudget:
     source : str
         Where ``cores`` came from: ``"--threads"``, ``"affinity"`` or ``"cgroup"``.
     torch : int
-        Torch intra-op threads in this process.
+        Torch intra-op threads in each thread that runs torch (each stage thread, the main thread).
     opencv : int
         OpenCV threads in this process (Dask tasks always use 1: the workers are the parallelism).
     dask_workers : int
         Local Dask worker threads (or processes) for the CPU stage; 0 for a command without one.
     command : str
         The command the budget is for (``run``, ``train``, ...).
+    stage_threads : int
+        Threads of a run that apply the device stages (generator, normalisers, classifier) to
+        batches, each batch in one of them; 1 outside ``run`` and with a GPU.
     """
 
     cores: int
@@ -56,6 +59,7 @@ class ThreadBudget:
     opencv: int
     dask_workers: int
     command: str = "run"
+    stage_threads: int = 1
 
 
 def available_cores(
@@ -157,17 +161,23 @@ def thread_budget(
     """Decide the threads of every library for ``command`` (``run``, ``train``, ``classifier``, ``fit``).
 
     ``run``: the CPU stage (Dask) gets one worker per core (``workers`` overrides); its tasks run
-    OpenCV single-threaded. The consumer's torch gets every core when the model runs on the CPU
-    (the consumer is the slower side there; measured on 2 cores, a whole run with the generator:
-    20 s with 2 torch threads, 23 s with 1, since a single-threaded generator is 1.5-3x slower, not
-    2x), one thread when it runs on a GPU (torch only feeds it), and every core when the CPU stage
-    runs on a remote cluster (``remote``). Other commands have no Dask stage: torch and OpenCV get every core.
-    ``OMP_NUM_THREADS`` caps torch and OpenCV.
+    OpenCV single-threaded. With the device stages on the CPU (the slower side there), every core
+    goes to them, as :data:`CPU_STAGE_THREADS` stage threads (fewer on fewer cores) that each apply
+    the stages to a whole batch with their share of the cores as torch threads. With a GPU there is one
+    stage thread, with one torch thread (torch only feeds the device), or with every core when the
+    CPU stage runs on a remote cluster (``remote``). Other commands have no
+    Dask stage: torch and OpenCV get every core. ``OMP_NUM_THREADS`` caps torch (per stage thread)
+    and OpenCV.
     """
     cores, source = available_cores(threads, affinity=affinity, cgroup_root=cgroup_root, proc_cgroup=proc_cgroup)
+    stage_threads = 1
     if command == "run":
         dask_workers = 0 if remote else (workers or cores)
-        torch_threads = 1 if device.startswith("cuda") and not remote else cores
+        if device.startswith("cuda"):
+            torch_threads = cores if remote else 1
+        else:
+            stage_threads = min(CPU_STAGE_THREADS, cores)
+            torch_threads = cores // stage_threads
     else:
         dask_workers, torch_threads = 0, cores
     cap = omp_threads(environ)
@@ -176,7 +186,18 @@ def thread_budget(
     # cv2.setNumThreads is process-wide: with the CPU stage in local threads, its tasks' 1 is everyone's
     opencv = 1 if dask_workers else min(cores, cap or cores)
     return ThreadBudget(cores=cores, source=source, torch=torch_threads, opencv=opencv, dask_workers=dask_workers,
-                        command=command)
+                        command=command, stage_threads=stage_threads)
+
+
+# Device stages on a CPU run in this many threads, a whole batch each, rather than one batch at a
+# time over every core: torch's threads wait for each other at the end of every operation, so while
+# one of them shares its core with the CPU stage or the writer the others idle (a run used 1.58 of 2
+# cores). Two stage threads of one torch thread each, measured on the 2-core machine (400-capture
+# runs, thesis-size generator, bf16, HM, display, classifier; docs/devices.md): whole run 19.1-21.2
+# against 20.2-23.4 ms a cell, 1.82 cores busy against 1.58; the stages alone 10.7-10.9 against
+# 12.0-12.9 ms a cell. Two, not one per core: each thread holds a batch's activations (about 0.7 GB
+# for a thesis-size generator at bf16), and larger machines are unmeasured.
+CPU_STAGE_THREADS = 2
 
 
 def prepare_native_runtimes(command: str) -> None:

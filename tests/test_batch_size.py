@@ -67,6 +67,20 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_every_crop_comes_back_in_
     assert InvertsUpTo.calls == [2, 2, 1]  # later batches are split up front, without failing first
 
 
+def test_stage_threads_that_run_out_of_memory_at_once_halve_once_and_lose_no_crop():
+    stages = Stages(normalisers=[NormaliserStage(InvertsUpTo("3"))], threads=2)
+    try:
+        batches = [batch_of(8 + i) for i in range(4)]
+        in_flight = [stages.submit(crops, masks) for crops, masks in batches]
+        for (crops, _), batch in zip(batches, in_flight, strict=True):
+            assert np.array_equal(batch.arrays()["normalised"], 255 - crops)
+    finally:
+        stages.close()
+    assert stages.max_batch == 2
+    halvings = [note.split(" halved to ")[1].split()[0] for note in stages.notes]
+    assert len(halvings) == len(set(halvings))  # each size noted once, whichever thread ran out first
+
+
 def test_a_single_crop_that_does_not_fit_is_a_model_error():
     stages = Stages(normalisers=[NormaliserStage(InvertsUpTo("0"))])
     with pytest.raises(ModelError, match="one crop does not fit"):

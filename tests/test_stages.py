@@ -106,3 +106,67 @@ def test_a_cuda_chain_of_torch_stages_matches_the_cpu_chain_within_a_grey_level(
                         normalisers=[NormaliserStage(DisplayNormaliser(), device=device)])
         outputs[device] = stages.process(crops, masks)["normalised"].astype(np.int16)
     assert (np.abs(outputs["cpu"] - outputs["cuda"]).max(axis=-1) <= 1).mean() >= 0.999
+
+
+class MeetInPairs:
+    """A normaliser that returns only once another batch is inside it too, and notes its torch threads."""
+
+    name = "pairs"
+
+    def __init__(self) -> None:
+        import threading
+
+        self.meeting = threading.Barrier(2, timeout=10)
+        self.torch_threads: list[int] = []
+
+    def __call__(self, crops: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
+        self.torch_threads.append(torch.get_num_threads())
+        self.meeting.wait()
+        return crops
+
+    def provenance(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+def test_stage_threads_compute_batches_at_once_and_return_them_in_order(tmp_path):
+    rng = np.random.default_rng(1)
+    batches = [(rng.integers(0, 256, (2, 96, 96, 3), dtype=np.uint8), np.zeros((2, 96, 96), np.uint8))
+               for _ in range(4)]
+    pairs = MeetInPairs()
+    stages = Stages(generator=Generator.load(save_generator(Negate(), tmp_path / "neg.pt")),
+                    normalisers=[NormaliserStage(pairs)], threads=2, torch_threads=1)
+    assert stages.in_flight == 2
+    main_threads = torch.get_num_threads()
+    try:
+        in_flight = [stages.submit(crops, masks) for crops, masks in batches]  # would time out one at a time
+        for (crops, _), batch in zip(batches, in_flight, strict=True):
+            assert np.array_equal(batch.arrays()["generated"], 255 - crops)
+    finally:
+        stages.close()
+    assert pairs.torch_threads == [1, 1, 1, 1] and torch.get_num_threads() == main_threads
+
+
+class Fails:
+    name = "fails"
+
+    def __call__(self, crops: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
+        raise ValueError("profile does not fit")
+
+    def provenance(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+def test_a_stage_threads_error_reaches_the_caller_with_its_batch(crops_and_masks):
+    crops, masks = crops_and_masks
+    stages = Stages(normalisers=[NormaliserStage(Fails())], threads=2, torch_threads=1)
+    try:
+        batch = stages.submit(crops, masks)
+        with pytest.raises(ValueError, match="profile does not fit"):
+            batch.arrays()
+    finally:
+        stages.close()
+
+
+def test_on_cuda_one_batch_is_in_flight_whatever_the_threads():
+    assert Stages(device="cuda", threads=2).in_flight == 1
+    assert Stages(device="cpu", threads=1).in_flight == 1

@@ -81,17 +81,23 @@ def test_omp_num_threads_is_parsed(value, expected):
     assert omp_threads({"OMP_NUM_THREADS": value}) == expected
 
 
-def test_run_gives_torch_every_core_on_a_cpu_and_one_beside_a_gpu(tmp_path):
+def test_run_gives_the_stages_every_core_on_a_cpu_and_one_beside_a_gpu(tmp_path):
     files = v2(tmp_path, {"/": "max 100000"})
     cpu = thread_budget(command="run", device="cpu", environ={}, affinity=set(range(8)), **files)
-    assert (cpu.cores, cpu.dask_workers, cpu.torch, cpu.opencv) == (8, 8, 8, 1)
+    # two stage threads of four torch threads: every core, in threads that do not wait for each other
+    assert (cpu.cores, cpu.dask_workers, cpu.stage_threads, cpu.torch, cpu.opencv) == (8, 8, 2, 4, 1)
     gpu = thread_budget(command="run", device="cuda:0", environ={}, affinity=set(range(8)), **files)
-    assert (gpu.dask_workers, gpu.torch) == (8, 1)
+    assert (gpu.dask_workers, gpu.stage_threads, gpu.torch) == (8, 1, 1)
     remote = thread_budget(command="run", remote=True, environ={}, affinity=set(range(8)), **files)
-    assert (remote.dask_workers, remote.torch, remote.opencv) == (0, 8, 8)
+    assert (remote.dask_workers, remote.stage_threads, remote.torch, remote.opencv) == (0, 2, 4, 8)
+    remote_gpu = thread_budget(command="run", device="cuda", remote=True, environ={}, affinity=FOUR, **files)
+    assert (remote_gpu.stage_threads, remote_gpu.torch) == (1, 4)
     two = thread_budget(command="run", environ={}, affinity={0, 1}, **files)
-    assert (two.dask_workers, two.torch) == (2, 2)  # the generator is the slower side: it gets both cores
+    assert (two.dask_workers, two.stage_threads, two.torch) == (2, 2, 1)  # the stages are the slower side
+    one = thread_budget(command="run", environ={}, affinity={0}, **files)
+    assert (one.dask_workers, one.stage_threads, one.torch) == (1, 1, 1)
     assert thread_budget(command="run", workers=3, environ={}, affinity=FOUR, **files).dask_workers == 3
+    assert thread_budget(command="train", environ={}, affinity=FOUR, **files).stage_threads == 1
 
 
 def test_omp_num_threads_caps_torch_and_opencv_not_the_workers(tmp_path):
@@ -99,7 +105,7 @@ def test_omp_num_threads_caps_torch_and_opencv_not_the_workers(tmp_path):
     train = thread_budget(command="train", environ={"OMP_NUM_THREADS": "2"}, affinity=set(range(8)), **files)
     assert (train.torch, train.opencv, train.dask_workers) == (2, 2, 0)
     run = thread_budget(command="run", environ={"OMP_NUM_THREADS": "1"}, affinity=set(range(8)), **files)
-    assert (run.torch, run.dask_workers) == (1, 8)
+    assert (run.torch, run.stage_threads, run.dask_workers) == (1, 2, 8)
     option = thread_budget(6, command="train", environ={"OMP_NUM_THREADS": "2"}, affinity=FOUR, **files)
     assert (option.cores, option.source, option.torch) == (6, "--threads", 2)
 

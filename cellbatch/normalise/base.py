@@ -15,6 +15,8 @@ class Normaliser(Protocol):
     2 cytoplasm, 3 nucleus) or ``None`` when no segmentation is available.
     ``provenance()`` returns what must be recorded to reproduce the result (name, argument, sha256 of
     any profile file).
+    A run on a CPU calls one normaliser from several threads at once (its stage threads, a batch
+    each), as it calls a detector from its Dask threads: keep what a call computes in locals.
     """
 
     name: str
