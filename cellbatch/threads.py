@@ -229,10 +229,12 @@ def prepare_native_runtimes(command: str) -> None:
 # glibc's mallopt() parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 # Free memory at the top of the heap is given back to the kernel only above this: more than a
 # batch's working set (a thesis-size generator's batch of 16 peaks at about 0.7 GB in bf16).
 _KEEP_FREED_BYTES = 1 << 30
-_MALLOC_ENVIRONMENT = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_MALLOC_ENVIRONMENT = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                       "MALLOC_ARENA_MAX")
 
 
 def glibc() -> ctypes.CDLL | None:
@@ -255,16 +257,26 @@ def keep_freed_memory() -> bool:
     writer fault into the same address space. Kept instead, a 400-capture run with the thesis-size
     generator on the 2-core machine took 21.6-23.7 ms a cell against 22.9-30.7, with 9-51 page faults
     a cell against 310-384 (three alternated pairs of processes, two runs each; docs/devices.md);
-    training steps did not change, so ``train`` is left alone. This holds for the whole process, for
-    as long as it runs (freed memory is reused, not returned, up to 1 GiB). Left alone where the user
-    set any ``MALLOC_*`` tunable, and off glibc.
+    training steps did not change, so ``train`` is left alone.
+
+    Every thread allocates from that one heap (one arena): glibc would give each thread its own,
+    64 MiB regions that are trimmed as blocks are freed, so the stage threads, which allocate a
+    batch's activations each, faulted them in again on every batch (76 faults a cell in those
+    threads, 0 with one arena; docs/devices.md, "Stage threads").
+
+    This holds for the whole process, for as long as it runs (freed memory is reused, not returned,
+    up to 1 GiB). Left alone where the user set any ``MALLOC_*`` tunable or a ``glibc.malloc`` one
+    in ``GLIBC_TUNABLES``, and off glibc.
     """
     libc = glibc()
     if libc is None or any(name in os.environ for name in _MALLOC_ENVIRONMENT):
         return False
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+    return all(mallopt(option, value) for option, value in (
+        (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES), (_M_ARENA_MAX, 1)))
 
 
 def apply_budget(budget: ThreadBudget) -> None:
