@@ -5,7 +5,9 @@ On synthetic DM1200-look captures it times
   (a) read + detect + crop alone (the Dask stage, same chunking and threads as a run);
   (b) each device stage alone on ready crops, at the chosen precision and batch size: the generator,
       HM, display and the classifier check (input and output classified), each as upload, stage,
-      download; and all of them chained, which is what the run's consumer does per batch;
+      download; and all of them chained, which is what the run's consumer does per batch; each
+      with the run's stage threads and as many batches in flight (two of one torch thread each on
+      a 2-core CPU, docs/devices.md);
   (w) the slide writer alone on those cells (CSV rows, Zarr compression; beside the consumer in a
       run, so not part of the ratio below: a writer slower than the device would cap a GPU run);
   (c) the whole run (``cellbatch.api.convert`` with ``--model G --normalise hm:P --normalise display
@@ -46,12 +48,14 @@ def machine(device: str) -> str:
 
     from cellbatch.modelcard import cpu_name
     from cellbatch.precision import cpu_bf16_instructions
+    from cellbatch.threads import thread_budget
 
     cores = len(os.sched_getaffinity(0))
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "no GPU used"
     bf16 = ", ".join(cpu_bf16_instructions()) or "none"
+    budget = thread_budget(device=device)
     return (f"{cores} cores ({cpu_name()}, native bf16: {bf16}), {name}, torch {torch.__version__}, "
-            f"torch threads {torch.get_num_threads()}")
+            f"{budget.stage_threads} stage thread(s) of {budget.torch} torch thread(s)")
 
 
 def make_inputs(tmp: Path, captures: int, *, image_format: str = "jpeg") -> tuple[Path, Path]:
@@ -103,19 +107,30 @@ def load_stages(model: Path, profile: Path, classifier: Path, *, device: str, pr
     from cellbatch.api import load_stages as api_load_stages
     from cellbatch.extract import ExtractSettings
     from cellbatch.pipeline import RunSettings
+    from cellbatch.threads import thread_budget
 
+    budget = thread_budget(device=device)  # the stage threads and their torch threads, as a run has them
     settings = RunSettings(extract=ExtractSettings(), batch_size=batch_size, device=device, precision=precision,
-                           normalise=(f"hm:{profile}", "display"))
+                           normalise=(f"hm:{profile}", "display"), stage_threads=budget.stage_threads,
+                           torch_threads=budget.torch)
     return api_load_stages(settings, model=model, model_sha256=None, classifier=classifier, classes=None,
                            reference=None, min_agreement=None, min_confidence=0.0, max_unsure=1.0)
 
 
 def time_stages(stages: Any, crops: np.ndarray, masks: np.ndarray, batch_size: int) -> float:
-    """Seconds to push every crop through ``stages`` (upload, stages, downloads), after one warm-up batch."""
+    """Seconds to push every crop through ``stages`` (upload, stages, downloads), after one warm-up batch,
+    with as many batches in flight as a run keeps (one per stage thread on a CPU)."""
+    from collections import deque
+
     stages.process(crops[:batch_size], masks[:batch_size])
     start = time.perf_counter()
+    in_flight: deque = deque()
     for i in range(0, len(crops), batch_size):
-        stages.process(crops[i : i + batch_size], masks[i : i + batch_size])
+        in_flight.append(stages.submit(crops[i : i + batch_size], masks[i : i + batch_size]))
+        while len(in_flight) > stages.in_flight:
+            in_flight.popleft().arrays()
+    while in_flight:
+        in_flight.popleft().arrays()
     return time.perf_counter() - start
 
 
@@ -146,14 +161,17 @@ def bench_device_stages(full: Any, crops: np.ndarray, masks: np.ndarray, batch_s
     from cellbatch.pipeline import Stages
 
     gen, (hm, disp), check = full.generator, full.normalisers, full.check
+    threads = {"device": full.device, "threads": full.threads, "torch_threads": full.torch_threads}
     alone = {
-        "generator": Stages(generator=gen, device=full.device),
-        "hm": Stages(normalisers=[hm], device=full.device),
-        "display": Stages(normalisers=[disp], device=full.device),
-        "classifier": Stages(normalisers=[disp], check=check, device=full.device),
+        "generator": Stages(generator=gen, **threads),
+        "hm": Stages(normalisers=[hm], **threads),
+        "display": Stages(normalisers=[disp], **threads),
+        "classifier": Stages(normalisers=[disp], check=check, **threads),
         "chained": full,
     }
     seconds = {name: time_stages(s, crops, masks, batch_size) for name, s in alone.items()}
+    for stages in alone.values():
+        stages.close()
     # the classifier's own share: the display stage it needs for an output differing from the input is cheap
     seconds["classifier"] = max(seconds["classifier"] - seconds["display"], 1e-9)
     return seconds
@@ -294,6 +312,7 @@ def main() -> None:
         batch_size = resolve_batch_size(args.batch_size, stages, crop_size=crops.shape[1])
         device_s = bench_device_stages(stages, crops, masks, batch_size)
         writer_s = bench_writer(stages, crops, masks, batch_size, tmp)
+        stages.close()
         run_args = dict(model=model, profile=profile, classifier=classifier, device=device, batch_size=batch_size,
                         workers=args.workers, processes=args.processes)
         small = first_captures(slide_dir, tmp, STARTUP_CAPTURES)
