@@ -13,9 +13,9 @@ On synthetic DM1200-look captures it times
   (c) the whole run (``cellbatch.api.convert`` with ``--model G --normalise hm:P --normalise display
       --classifier C``: also writing and provenance);
 
-and prints captures/s, cells/s, ms per cell, the whole run's page faults and kernel CPU a cell (in
-this process), and (c) / min(a, b chained): 1.0 means the run is as fast as its slowest side. It
-then runs (c) again at fp32 to print the end-to-end ms per cell at both precisions, and the parity
+and prints captures/s, cells/s, ms per cell, the whole run's page faults and kernel CPU a cell and
+its cores busy (in this process), and (c) / min(a, b chained): 1.0 means the run is as fast as its
+slowest side. It then runs (c) again at fp32 to print the end-to-end ms per cell at both precisions, and the parity
 of the chosen precision against fp32 on the demo model (``examples/demo-model/demo-l1net.pt``): mean
 absolute difference of generated crops (grey levels) and agreement of a classifier's decisions (a
 small classifier trained here on the synthetic cell types, so its decisions have realistic margins).
@@ -37,7 +37,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from cellbatch.threads import prepare_native_runtimes
+
+# As the CLI does, before numpy loads OpenBLAS and torch its OpenMP: with numpy imported first, OpenBLAS
+# kept a thread per core beside the run's own threads, and whole runs measured here took 20.4-21.5
+# ms a cell against 15.3 with one OpenBLAS thread, as `cellbatch run` has it (round 7).
+prepare_native_runtimes("run")
+
+import numpy as np  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo-model" / "demo-l1net.pt"
 STARTUP_CAPTURES = 4  # a run this small is all start-up: its time is what every run pays once
@@ -188,9 +195,10 @@ def first_captures(slide_dir: Path, tmp: Path, count: int) -> Path:
 
 def bench_run(slide_dir: Path, out: Path, *, model: Path, profile: Path, classifier: Path, device: str,
               precision: str, batch_size: int | str, workers: int | None, processes: int) -> tuple[float, int, dict]:
-    """(c): whole-run seconds, cells, and the run's summary, with this process's page faults and
-    kernel CPU seconds during the run under ``"usage"`` (memory faulted in again batch after batch
-    shows there: docs/devices.md, "Freed memory kept for reuse")."""
+    """(c): whole-run seconds, cells, and the run's summary, with this process's page faults, kernel
+    CPU seconds and cores busy (its CPU time over the wall time) during the run under ``"usage"``
+    (memory faulted in again batch after batch shows there: docs/devices.md, "Freed memory kept for
+    reuse"; threads that wait for each other show as cores idle: "Stage threads")."""
     import resource
 
     from cellbatch.api import convert
@@ -205,8 +213,9 @@ def bench_run(slide_dir: Path, out: Path, *, model: Path, profile: Path, classif
     summary = report.to_dict()
     if report.exit_code != 0:
         raise SystemExit(f"the benchmark run failed: {summary['failures'][:3]}")
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     summary["usage"] = {"page_faults": after.ru_minflt - before.ru_minflt,
-                        "kernel_cpu_s": after.ru_stime - before.ru_stime}
+                        "kernel_cpu_s": after.ru_stime - before.ru_stime, "cores_busy": cpu_s / seconds}
     return seconds, summary["cells"], summary
 
 
@@ -286,10 +295,6 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from cellbatch.threads import prepare_native_runtimes
-
-    prepare_native_runtimes("run")  # as the CLI does, before torch loads
-
     from cellbatch.api import resolve_batch_size
     from cellbatch.export import export_generator, generator_metadata, untrained_generator
     from cellbatch.generate import resolve_device
@@ -334,6 +339,7 @@ def main() -> None:
             "image_format": args.format, "startup_seconds": startup_s,
             "whole_run_per_cell": {"page_faults": run_summary["usage"]["page_faults"] / run_cells,
                                    "kernel_cpu_ms": 1000 * run_summary["usage"]["kernel_cpu_s"] / run_cells},
+            "whole_run_cores_busy": run_summary["usage"]["cores_busy"],
             "seconds_per_cell": rows, "ratio_run_over_slowest": slowest / rows["(c) whole run"],
             "ratio_past_startup": slowest / rows["(c) whole run, past start-up"],
         })
@@ -352,7 +358,7 @@ def main() -> None:
           f"capture files: {args.format}")
     usage = result["whole_run_per_cell"]
     print(f"whole run, this process: {usage['page_faults']:.0f} page faults and {usage['kernel_cpu_ms']:.1f} ms "
-          "of kernel CPU a cell")
+          f"of kernel CPU a cell, {result['whole_run_cores_busy']:.2f} cores busy (CPU time over wall time)")
     print(f"ratio (c) / min(a, b chained) = {result['ratio_run_over_slowest']:.3f} whole run, "
           f"{result['ratio_past_startup']:.3f} past start-up")
     for line in target_lines(args.targets, rows, result):
