@@ -86,9 +86,17 @@ def convert(
 
     Like the CLI, it sets up this process's native runtimes for a run first
     (:func:`cellbatch.threads.prepare_native_runtimes`): thread pools not yet loaded, and on glibc a
-    malloc that keeps freed memory for reuse for the rest of the process's life.
+    malloc that keeps freed memory for reuse for the rest of the process's life. A BLAS the program
+    loaded already (numpy imported first) runs single-threaded for the length of the run only
+    (:func:`cellbatch.threads.blas_threads_limited`).
     """
-    from cellbatch.threads import apply_budget, prepare_native_runtimes, thread_budget, worker_processes
+    from cellbatch.threads import (
+        apply_budget,
+        blas_threads_limited,
+        prepare_native_runtimes,
+        thread_budget,
+        worker_processes,
+    )
 
     prepare_native_runtimes("run")  # before torch loads, when convert is the first to import it
     from cellbatch.cluster import check_scheduler_address
@@ -149,7 +157,7 @@ def convert(
             report.notes.append(f"model {model} is UNTRAINED (exported with --untrained): "
                                 "its output is not a conversion")
             on_warning(report.notes[-1])
-    with closing(stages), RunLock(out, shared=shard is not None), run_log(out) as log, \
+    with closing(stages), blas_threads_limited(), RunLock(out, shared=shard is not None), run_log(out) as log, \
             dask_client(scheduler, budget.dask_workers, processes=processes) as client, \
             shard_claims(out, shard) as claims:
         log.info("cellbatch %s: %s", __version__, " ".join(report.command))

@@ -24,6 +24,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,6 +288,25 @@ def apply_budget(budget: ThreadBudget) -> None:
 
     torch.set_num_threads(budget.torch)
     cv2.setNumThreads(budget.opencv)
+
+
+def blas_threads_limited() -> AbstractContextManager:
+    """A context in which every loaded BLAS (numpy's OpenBLAS, OpenCV's) uses ``OPENBLAS_NUM_THREADS``
+    threads: one, unless the user set it.
+
+    The variable reaches only a BLAS not yet loaded; a program that imported numpy before calling
+    :func:`cellbatch.api.convert` has a BLAS thread per core beside the run's own threads (measured,
+    ``benchmarks/bench_pipeline.py`` before it set the runtimes first: 20.4-21.5 ms a cell against
+    15.3). Within the context the limit holds for every thread of the process; after it, the
+    program's own setting is back. Torch's MKL is linked into torch, which sets its threads itself.
+    """
+    from threadpoolctl import threadpool_limits
+
+    try:
+        limit = max(1, int(os.environ.get("OPENBLAS_NUM_THREADS", "1")))
+    except ValueError:
+        limit = 1
+    return threadpool_limits(limits=limit, user_api="blas")
 
 
 # Below this many captures a run does not win back the worker processes' start-up (about 0.8 s on

@@ -242,3 +242,31 @@ def test_a_detector_registered_at_run_time_is_not_importable_in_workers():
     assert not registry.importable_everywhere("mine")
     registry.register("threshold", "cellbatch.detect.threshold:ThresholdDetector")
     assert not registry.importable_everywhere("threshold")  # replaced at run time
+
+
+def test_a_run_limits_a_blas_loaded_before_it_and_gives_it_back(tmp_path, monkeypatch):
+    """numpy loaded its BLAS before the run (as in any program that imports numpy first): the run's
+    tasks still see one BLAS thread, and the program has its own setting back afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from cellbatch.api import convert
+    from cellbatch.registry import detectors
+    from tests.scenes import DarkBlobDetector, write_slides
+
+    seen: list[int] = []
+
+    class RecordsBlas(DarkBlobDetector):
+        def __call__(self, image):
+            seen.extend(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+            return super().__call__(image)
+
+    if not [pool for pool in threadpool_info() if pool["user_api"] == "blas"]:
+        pytest.skip("no BLAS loaded by numpy here")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    detectors.register("records-blas", RecordsBlas)
+    write_slides(tmp_path / "in", slides={"s": 2})
+    with threadpool_limits(limits=2, user_api="blas"):
+        convert([tmp_path / "in"], tmp_path / "out", detector="records-blas", cell_diameter=60.0, device="cpu")
+        after = {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+    assert seen and set(seen) == {1}
+    assert after == {2}
