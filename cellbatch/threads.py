@@ -192,12 +192,13 @@ def thread_budget(
 
 # Device stages on a CPU run in this many threads, a whole batch each, rather than one batch at a
 # time over every core: torch's threads wait for each other at the end of every operation, so while
-# one of them shares its core with the CPU stage or the writer the others idle (a run used 1.58 of 2
-# cores). Two stage threads of one torch thread each, measured on the 2-core machine (400-capture
-# runs, thesis-size generator, bf16, HM, display, classifier; docs/devices.md): whole run 19.1-21.2
-# against 20.2-23.4 ms a cell, 1.82 cores busy against 1.58; the stages alone 10.7-10.9 against
-# 12.0-12.9 ms a cell. Two, not one per core: each thread holds a batch's activations (about 0.7 GB
-# for a thesis-size generator at bf16), and larger machines are unmeasured.
+# one of them shares its core with the CPU stage or the writer the others idle (a run kept 1.55-1.64
+# of 2 cores busy). Two stage threads of one torch thread each, measured on the 2-core machine
+# (400-capture runs, thesis-size generator, bf16, HM, display, classifier; six alternated rounds,
+# docs/devices.md): whole run 15.8-21.1 against 18.8-25.3 ms a cell, 1.79-1.89 cores busy; the
+# stages alone 10.7-10.9 against 12.0-12.9 ms a cell. Two, not one per core: each thread holds a
+# batch's activations (about 0.7 GB for a thesis-size generator at bf16), and larger machines are
+# unmeasured.
 CPU_STAGE_THREADS = 2
 
 
