@@ -15,8 +15,8 @@ On synthetic DM1200-look captures it times
 
 and prints captures/s, cells/s, ms per cell, the whole run's page faults and kernel CPU a cell and
 its cores busy (in this process), and (c) / min(a, b chained): 1.0 means the run is as fast as its
-slowest side. It then runs (c) again at fp32 to print the end-to-end ms per cell at both precisions, and the parity
-of the chosen precision against fp32 on the demo model (``examples/demo-model/demo-l1net.pt``): mean
+slowest side. It then runs (c) again at fp32 to print the end-to-end ms per cell at both precisions,
+and the parity of the chosen precision against fp32 on the demo model (``examples/demo-model/demo-l1net.pt``): mean
 absolute difference of generated crops (grey levels) and agreement of a classifier's decisions (a
 small classifier trained here on the synthetic cell types, so its decisions have realistic margins).
 

@@ -330,8 +330,6 @@ class Stages:
         Out of device memory, the batch is halved and retried, and later batches are split to the
         size that fitted (noted in ``notes``): no cell is lost.
         """
-        if self._transfer is None:
-            self._transfer = Transfer(self.device)
         if not self._threaded():
             return InFlight(crops=crops, masks=masks, downloads=self._queue_fitting(crops, masks))
         if self._pool is None:
@@ -377,6 +375,9 @@ class Stages:
         return self._queue_fitting(crops, masks)
 
     def _queue(self, crops: np.ndarray, masks: np.ndarray) -> Download:
+        # Made on first use; stage threads (CPU only) may race to make it, harmlessly: a CPU Transfer holds nothing
+        if self._transfer is None:
+            self._transfer = Transfer(self.device)
         batch = run_stages(self.ordered(), self._transfer.upload(crops, masks))
         downloads = dict(batch.arrays)
         if self.check is not None:
@@ -404,8 +405,6 @@ class Stages:
             crops = rng.integers(0, 256, (n, crop_size, crop_size, 3), dtype=np.uint8)
             masks = rng.integers(0, 4, (n, crop_size, crop_size), dtype=np.uint8)
             try:
-                if self._transfer is None:
-                    self._transfer = Transfer(self.device)
                 self._queue(crops, masks).wait()
             except Exception as exc:
                 if not is_out_of_memory(exc):
