@@ -40,8 +40,10 @@ def test_traced_generator_is_shape_generic(tmp_path: Path) -> None:
 def test_traced_graph_holds_only_plain_operators() -> None:
     traced = trace_generator(untrained_generator(base_filters=4, seed=0), size=128)
     kinds = {node.kind() for node in traced.graph.nodes()}
-    # the inference form: decoders as phase convolutions and shuffles, batch norms folded away
-    assert "aten::pixel_shuffle" in kinds
+    # the inference form: decoders as phase convolutions and phase-major shuffles (reshapes of the
+    # channels-last view, not pixel_shuffle), batch norms folded away
+    assert {"aten::permute", "aten::unflatten"} <= kinds
+    assert "aten::pixel_shuffle" not in kinds
     assert not kinds & {"aten::upsample_nearest2d", "aten::batch_norm", "aten::einsum"}, kinds
     assert all(k.startswith(("aten::", "prim::Constant", "prim::ListConstruct")) for k in kinds), kinds
 

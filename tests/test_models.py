@@ -15,6 +15,7 @@ from cellbatch.models import (
     gram_matrix,
     load_vgg16,
 )
+from cellbatch.models.generator import FrozenDecoderBlock, phase_major, shuffle_phase_major
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -69,6 +70,28 @@ def test_phase_decoder_is_upsample_then_transposed_convolution(training: bool) -
         assert got.shape == want.shape == (2, block.conv.out_channels, 16, 24)
         assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
         assert torch.allclose(grad_got, grad_want, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_exported_decoder_block_is_the_eval_block_with_its_channels_reordered(layout: torch.memory_format) -> None:
+    # The export form (phase-major channels, activation before the shuffle, tanh in float32) is the
+    # same function in either layout a caller passes, and hands channels_last on to the next block.
+    torch.manual_seed(0)
+    g = _with_random_batch_norm(UNetGenerator(base_filters=4), seed=2).eval()
+    for block in [*g.decoders, g.output]:
+        x = torch.randn(2, block.conv.in_channels, 8, 12).contiguous(memory_format=layout)
+        with torch.no_grad():
+            want, got = block(x), FrozenDecoderBlock(block)(x)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_phase_major_shuffle_is_pixel_shuffle_of_the_reordered_channels() -> None:
+    y = torch.randn(2, 4 * 5, 3, 4)
+    # phase_major reorders dim 0 (a weight's output channels); here the channels are dim 1
+    reordered = phase_major(y.transpose(0, 1)).transpose(0, 1)
+    assert torch.equal(shuffle_phase_major(reordered), torch.nn.functional.pixel_shuffle(y, 2))
 
 
 def test_generator_width_sets_parameter_count() -> None:
