@@ -86,9 +86,9 @@ class FrozenDecoderBlock(nn.Module):
     activation runs before the shuffle (an elementwise function commutes with moving pixels), and the
     shuffle is :func:`shuffle_phase_major`. In the channels_last layout a run uses, that shuffle moves
     whole runs of ``out`` channels where ``pixel_shuffle`` gathers them one value at a time. The
-    output block's ``tanh`` runs in float32:
-    torch's bf16 ``tanh`` took 5.2-5.5 ms for a batch's output against 2.9-3.8 for the cast and the
-    float32 one, and the run converts the output to float32 anyway. Together: a thesis-size
+    output block's ``tanh`` runs in float32: torch's bf16 ``tanh`` took 5.2-5.5 ms for a batch's
+    output against 2.9-3.8 for the cast and the float32 one, and the run converts the output to
+    float32 anyway. Together: a thesis-size
     generator in bf16 with its pre- and post-processing, 9.5-10.1 against 10.3-10.9 ms a crop on one
     core (batch 16, the 2-core development machine with AMX; docs/devices.md).
     """
@@ -119,9 +119,10 @@ def phase_major(t: torch.Tensor) -> torch.Tensor:
 def shuffle_phase_major(y: torch.Tensor) -> torch.Tensor:
     """(N, 4C, H, W) with phase-major channels -> (N, C, 2H, 2W): ``pixel_shuffle`` for that channel order.
 
-    Output pixel (2i + a, 2j + b) takes channels ``(2a + b) * C ... + C`` of input pixel (i, j): ONNX's
-    DepthToSpace in its default (DCR) mode. Written as reshapes of the channels-last view, so in that
-    layout it is one copy of contiguous runs of C values, and its result is channels_last again.
+    Output pixel (2i + a, 2j + b) takes channels ``(2a + b) * C`` up to ``(2a + b) * C + C - 1`` of input
+    pixel (i, j): ONNX's DepthToSpace in its default (DCR) mode. Written as reshapes of the
+    channels-last view, so in that layout it is one copy of contiguous runs of C values, and its
+    result is channels_last again.
     """
     # no sizes read from the tensor: a traced graph stays free of shape arithmetic
     pixels = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, -1))  # (N, H, W, a, b, C)
