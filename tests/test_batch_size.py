@@ -109,7 +109,10 @@ def test_out_of_memory_in_a_run_loses_no_cell_and_is_noted_in_run_json(tmp_path)
     assert len(outputs["oom"]) == len(read_cells(tmp_path / "oom" / "s")) >= 6
     assert np.array_equal(outputs["oom"], outputs["fits"])
     notes = json.loads((tmp_path / "oom" / "run.json").read_text())["notes"]
-    assert any("halved to 2" in n for n in notes)
+    # The stage threads compute two batches at once: whichever runs out of memory first is noted, the
+    # batch of 5 (halved to 2) or the slide's last, smaller one (halved to 1); both keep every cell.
+    halved = [int(n.split(" halved to ")[1].split()[0]) for n in notes if " halved to " in n]
+    assert halved and max(halved) <= 2, notes
 
 
 def test_batch_size_auto_on_cpu_is_noted_in_run_json(tmp_path):
