@@ -56,6 +56,52 @@ def test_the_bf16_copy_from_the_files_bytes_runs_as_one_copied_through_torch_jit
     assert Generator(model, precision="bf16").model.fresh_module is None  # the file's bytes are let go
 
 
+class _ConvNet(torch.nn.Module):
+    """Convolutions that may be fused with their activation, and three that may not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.shared = torch.nn.Conv2d(8, 8, 1)  # its output is used twice: not fusible
+        self.up = torch.nn.ConvTranspose2d(8, 8, 2, stride=2)  # transposed: not fusible
+        self.out = torch.nn.Conv2d(8, 3, 1)  # no activation after it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.leaky_relu(self.b(torch.relu(self.a(x))), 0.2)
+        s = self.shared(y)
+        return self.out(torch.relu(self.up(torch.relu(s) + s)))
+
+
+def _frozen(net: torch.nn.Module) -> torch.jit.ScriptModule:
+    with torch.no_grad():
+        return torch.jit.freeze(torch.jit.trace(net.eval(), torch.rand(1, 3, 16, 16)))
+
+
+def test_convolutions_and_their_activations_become_one_onednn_call_with_the_same_values():
+    torch.manual_seed(0)
+    net = _ConvNet()
+    plain, fused = _frozen(net), _frozen(net)
+    assert precision.fuse_conv_activations(fused.graph) == 2  # a + ReLU, b + LeakyReLU
+    kinds = [n.kind() for n in fused.graph.nodes()]
+    assert kinds.count("mkldnn::_convolution_pointwise") == 2 and kinds.count("aten::_convolution") == 3
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(fused(x), plain(x))  # in fp32 a fused activation is the same arithmetic
+
+
+def test_bf16_models_on_the_cpu_run_fused_within_bf16_rounding_of_fp32():
+    torch.manual_seed(0)
+    net = _ConvNet()
+    bf16, _ = precision.prepare_module(_frozen(net), precision="bf16", device="cpu")
+    assert len(bf16.graph.findAllNodes("mkldnn::_convolution_pointwise")) == 2
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = net(x)
+        got = bf16(precision.network_input(x, "bf16")).float()
+    assert torch.allclose(got, expected, atol=0.03, rtol=0.02), (got - expected).abs().max()
+
+
 @pytest.mark.gpu
 def test_auto_is_a_half_precision_on_cuda():
     assert precision.resolve_precision("auto", "cuda") in ("bf16", "fp16")
