@@ -147,33 +147,41 @@ def class_probabilities(
     p = np.exp(log_lik, out=log_lik)
     if labels is not None:
         onehot = (labels[None] == np.arange(k, dtype=labels.dtype)[:, None, None]).astype(np.float32)
-        prior = _blur(onehot, settings.prior_sigma).reshape(k, -1)
+        prior = _blur_partition(onehot, settings.prior_sigma).reshape(k, -1)
         prior *= 1.0 - settings.prior_floor
         prior += settings.prior_floor / k
         p *= prior
     p /= p.sum(axis=0)
-    return _blur(p.reshape(k, h, w), settings.smooth_sigma)
+    return _blur_partition(p.reshape(k, h, w), settings.smooth_sigma)
 
 
-def _blur(planes: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of each (H, W) plane of a (K, H, W) float32 stack."""
+def _blur_partition(planes: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of each (H, W) plane of a (K, H, W) float32 stack whose planes sum to one.
+
+    A blur is linear and keeps constants, so the blurred planes sum to one as well: the last is one
+    minus the others, three passes of arithmetic instead of a blur.
+    """
     if sigma <= 0:
         return planes
     out = np.empty_like(planes)
-    for plane, blurred in zip(planes, out, strict=True):
+    for plane, blurred in zip(planes[:-1], out[:-1], strict=True):
         cv2.GaussianBlur(plane, (0, 0), sigma, dst=blurred, borderType=cv2.BORDER_REFLECT)
+    np.subtract(1.0, out[:-1].sum(axis=0), out=out[-1])
     return out
 
 
 def blend_affine(image: np.ndarray, probabilities: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """sum_k p_k (A_k x + b_k) for every pixel x, rounded to uint8.
+    """sum_k p_k (A_k x + b_k) for every pixel x, rounded to uint8, for probabilities that sum to one.
+
+    Computed as (A_K x + b_K) + sum_{k < K} p_k ((A_k - A_K) x + b_k - b_K): the same sum when the
+    p_k sum to one, with one class term fewer.
 
     Parameters
     ----------
     image : np.ndarray
         (H, W, 3) uint8 RGB.
     probabilities : np.ndarray
-        (K, H, W) float32 planes.
+        (K, H, W) float32 planes summing to one (the last is not read).
     a, b : np.ndarray
         (K, 3, 3) matrices and (K, 3) offsets.
 
@@ -187,12 +195,13 @@ def blend_affine(image: np.ndarray, probabilities: np.ndarray, a: np.ndarray, b:
     x = np.empty((4, h * w), np.float32)  # colours with a row of ones, so b_k rides in the product
     x[:3] = image.reshape(-1, 3).T
     x[3] = 1.0
-    ab = np.concatenate([a, b[:, :, None]], axis=2).astype(np.float32)  # (K, 3, 4)
+    ab = np.concatenate([a, b[:, :, None]], axis=2)  # (K, 3, 4)
+    ab[:-1] -= ab[-1]
+    ab = ab.astype(np.float32)
     p = probabilities.reshape(k, -1)
-    out = ab[0] @ x
-    out *= p[0]
+    out = ab[-1] @ x
     term = np.empty_like(out)
-    for i in range(1, k):  # class by class: a (3, P) term stays in cache where all (3K, P) would not
+    for i in range(k - 1):  # class by class: a (3, P) term stays in cache where all (3K, P) would not
         np.matmul(ab[i], x, out=term)
         term *= p[i]
         out += term
