@@ -121,6 +121,13 @@ def convert(
         check_scheduler_address(scheduler)
     resolved = resolve_device(device)
     budget = thread_budget(threads, device=resolved, remote=bool(scheduler), workers=workers)
+    processes, processes_why = worker_processes(
+        processes, cores=budget.cores, remote=bool(scheduler),
+        generator_on_cpu=model is not None and not resolved.startswith("cuda"),
+        detector_importable=detectors.importable_everywhere(detector),
+        captures=lambda: _captures_or_none(source_paths, out))
+    if processes:  # they take cores the device stages would otherwise have
+        budget = thread_budget(threads, device=resolved, remote=bool(scheduler), workers=workers, processes=processes)
     apply_budget(budget)
     settings = RunSettings(
         extract=ExtractSettings(detector=detector, cell_diameter=cell_diameter, crop_size=crop_size,
@@ -136,12 +143,6 @@ def convert(
     if batch_size == "auto":
         chosen = resolve_batch_size("auto", stages, crop_size=settings.extract.crop_size)
         settings = replace(settings, batch_size=chosen)
-    processes, processes_why = worker_processes(
-        processes, cores=budget.cores, remote=bool(scheduler),
-        generator_on_cpu=stages.generator is not None and not resolved.startswith("cuda"),
-        detector_importable=detectors.importable_everywhere(detector),
-        captures=lambda: _captures_or_none(source_paths, out))
-    settings = replace(settings, processes=processes)
     check_writable(out)
     report_type = RunReport if shard is None else SharedRunReport
     report = report_type(out=out, command=list(command or []), started=utc_now(), min_agreement=min_agreement)

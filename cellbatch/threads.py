@@ -154,6 +154,7 @@ def thread_budget(
     device: str = "cpu",
     remote: bool = False,
     workers: int | None = None,
+    processes: int = 0,
     environ: Mapping[str, str] | None = None,
     affinity: set[int] | None = None,
     cgroup_root: Path = CGROUP_ROOT,
@@ -166,19 +167,23 @@ def thread_budget(
     goes to them, as :data:`CPU_STAGE_THREADS` stage threads (fewer on fewer cores) that each apply
     the stages to a whole batch with their share of the cores as torch threads. With a GPU there is one
     stage thread, with one torch thread (torch only feeds the device), or with every core when the
-    CPU stage runs on a remote cluster (``remote``). Other commands have no
+    CPU stage runs on a remote cluster (``remote``). With the CPU stage in ``processes`` local worker
+    processes (:func:`worker_processes`) those take a core each, and the device stages on the CPU share
+    the cores left. Other commands have no
     Dask stage: torch and OpenCV get every core. ``OMP_NUM_THREADS`` caps torch (per stage thread)
     and OpenCV.
     """
     cores, source = available_cores(threads, affinity=affinity, cgroup_root=cgroup_root, proc_cgroup=proc_cgroup)
     stage_threads = 1
     if command == "run":
-        dask_workers = 0 if remote else (workers or cores)
+        dask_workers = 0 if remote else (processes or workers or cores)
         if device.startswith("cuda"):
             torch_threads = cores if remote else 1
         else:
-            stage_threads = min(CPU_STAGE_THREADS, cores)
-            torch_threads = cores // stage_threads
+            # worker processes on (nearly) every core leave the stage threads one core each to share
+            left = max(min(CPU_STAGE_THREADS, cores), cores - processes)
+            stage_threads = min(CPU_STAGE_THREADS, left)
+            torch_threads = left // stage_threads
     else:
         dask_workers, torch_threads = 0, cores
     cap = omp_threads(environ)
@@ -314,6 +319,19 @@ def blas_threads_limited() -> AbstractContextManager:
 # the 2-core machine, where 2 processes read/detect/crop 1.89x as fast as 1 and 2 threads 1.25x:
 # break-even near 500 captures of 6 ms).
 PROCESS_MIN_CAPTURES = 1000
+# With the generator on the CPU, worker processes pay from this many cores. In threads the CPU stage
+# is held by Python's GIL near one and a half cores' worth of detection (2 threads read, detected and
+# cropped 1.48-1.54x as fast as 1 here; 16 threads on the 16-core H200 machine made 116 cells/s, 14
+# processes 203), while the device stages, which release the GIL, take whatever cores are left: on
+# 2 cores they chained 159 cells/s alone here, more than 16 threads' CPU stage. A whole run's CPU a
+# cell on the 2-core machine (round 8, per thread): 5.1 core-ms in the CPU stage's tasks, about 15 in
+# the rest of the run (device stages, writer, event loops). So threads hold the CPU stage to about
+# 1.5 / 5.1 ms = 290 cells/s while the rest, on the other cores, makes (cores - 1.5) / 15 ms: about
+# even at 6 cores, 430 cells/s at 8, where threads set the pace. Measured here only on 2 cores
+# (threads faster there, docs/devices.md); unmeasured on a many-core CPU-only machine.
+PROCESS_MIN_CORES_BESIDE_CPU_GENERATOR = 8
+# ... and they get a quarter of the cores, the rest's share of a cell's CPU (5.1 of about 20 core-ms).
+CPU_STAGE_SHARE_BESIDE_CPU_GENERATOR = 4
 
 
 def worker_processes(
@@ -327,12 +345,13 @@ def worker_processes(
 ) -> tuple[int, str]:
     """Local worker processes for the CPU stage (0: threads of this process), and why.
 
-    ``auto`` chooses processes, one per core, when they pay: the CPU stage is the slower side (no
-    generator on this machine's CPU: on 2 cores with the generator there, threads and processes
-    measured the same, since the generator sets the pace), the run has at least
-    :data:`PROCESS_MIN_CAPTURES` captures, there are at least 2 cores, and the detector can be
-    imported in a fresh process (a built-in or an entry-point plugin). ``captures`` is called only
-    when everything else says yes (it lists the inputs).
+    ``auto`` chooses processes when they pay: the run has at least :data:`PROCESS_MIN_CAPTURES`
+    captures, there are at least 2 cores, and the detector can be imported in a fresh process (a
+    built-in or an entry-point plugin). Without a generator on this machine's CPU they get one core
+    each. With one there, it sets the pace on a few cores (on 2, threads were faster), so processes
+    only from :data:`PROCESS_MIN_CORES_BESIDE_CPU_GENERATOR` cores, a quarter of them, the rest left
+    to the device stages (:func:`thread_budget` with ``processes``). ``captures`` is called only when
+    everything else says yes (it lists the inputs).
     """
     if processes != "auto":
         count = int(processes)
@@ -341,12 +360,15 @@ def worker_processes(
         return 0, "a Dask cluster (--scheduler)"
     if cores < 2:
         return 0, "threads: one core"
-    if generator_on_cpu:
-        return 0, "threads: the generator on the CPU sets the pace"
+    if generator_on_cpu and cores < PROCESS_MIN_CORES_BESIDE_CPU_GENERATOR:
+        return 0, f"threads: the generator on the CPU sets the pace on {cores} cores"
     if not detector_importable:
         return 0, "threads: the detector was registered at run time, worker processes cannot import it"
     count = captures()
     if count < PROCESS_MIN_CAPTURES:
         return 0, f"threads: {count} captures (processes pay from {PROCESS_MIN_CAPTURES})"
+    if generator_on_cpu:
+        share = cores // CPU_STAGE_SHARE_BESIDE_CPU_GENERATOR
+        return share, f"{share} worker processes for {count} captures, {cores - share} cores left to the generator"
     return cores, f"{cores} worker processes for {count} captures"
 

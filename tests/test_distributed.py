@@ -144,6 +144,24 @@ def test_local_worker_processes_give_the_threaded_result(tmp_path):
     assert rows[0] == rows[1]
 
 
+def test_beside_a_cpu_generator_many_cores_split_between_processes_and_the_generator(tmp_path, monkeypatch):
+    """--threads 8 stands for an 8-core machine: 2 worker processes, the generator's stage threads the rest."""
+    from cellbatch import threads
+    from cellbatch.api import convert
+    from cellbatch.synth import write_synth
+    from tests.models import Negate, save_generator
+
+    monkeypatch.setattr(threads, "PROCESS_MIN_CAPTURES", 1)  # a small slide stands for a large run
+    write_synth(tmp_path / "synth", count=3, seed=6, looks=("dm1200",))
+    model = save_generator(Negate(), tmp_path / "neg.pt")
+    report = convert(tmp_path / "synth" / "dm1200", tmp_path / "out", model=model, device="cpu", threads=8)
+    assert report.exit_code == 0
+    log = (tmp_path / "out" / "run.log").read_text(encoding="utf-8")
+    assert "CPU stage: 2 worker processes for 3 captures, 6 cores left to the generator" in log
+    group = zarr.open_group(str(tmp_path / "out" / "dm1200" / "cells.zarr"), mode="r")
+    assert group["crop"].shape[0] and np.array_equal(group["generated"][:], 255 - group["crop"][:])
+
+
 @pytest.mark.parametrize("address", ["foo", "localhost", "http://127.0.0.1:8787", "inproc://x", "tcp://host:0"])
 def test_scheduler_addresses_dask_cannot_use_are_bad_command_lines(tmp_path, capsys, address):
     from cellbatch.cli import main

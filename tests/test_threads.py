@@ -10,6 +10,7 @@ import pytest
 
 from cellbatch.threads import (
     PROCESS_MIN_CAPTURES,
+    PROCESS_MIN_CORES_BESIDE_CPU_GENERATOR,
     available_cores,
     cgroup_cpu_quota,
     omp_threads,
@@ -98,6 +99,18 @@ def test_run_gives_the_stages_every_core_on_a_cpu_and_one_beside_a_gpu(tmp_path)
     assert (one.dask_workers, one.stage_threads, one.torch) == (1, 1, 1)
     assert thread_budget(command="run", workers=3, environ={}, affinity=FOUR, **files).dask_workers == 3
     assert thread_budget(command="train", environ={}, affinity=FOUR, **files).stage_threads == 1
+
+
+def test_worker_processes_take_their_cores_from_the_device_stages_on_a_cpu(tmp_path):
+    files = v2(tmp_path, {"/": "max 100000"})
+    sixteen = set(range(16))
+    split = thread_budget(command="run", processes=4, environ={}, affinity=sixteen, **files)
+    assert (split.dask_workers, split.stage_threads, split.torch) == (4, 2, 6)  # 4 + 2 x 6: every core, once
+    # processes on every core: the stage threads still run, a core's worth each, as beside threads
+    every = thread_budget(command="run", processes=2, environ={}, affinity={0, 1}, **files)
+    assert (every.dask_workers, every.stage_threads, every.torch) == (2, 2, 1)
+    gpu = thread_budget(command="run", device="cuda", processes=16, environ={}, affinity=sixteen, **files)
+    assert (gpu.dask_workers, gpu.stage_threads, gpu.torch) == (16, 1, 1)  # torch only feeds the device
 
 
 def test_omp_num_threads_caps_torch_and_opencv_not_the_workers(tmp_path):
@@ -226,11 +239,19 @@ def test_auto_processes_only_when_the_cpu_stage_sets_the_pace_of_a_large_run():
     assert _processes() == 2
     assert _processes(cores=16) == 16
     assert _processes(captures=PROCESS_MIN_CAPTURES - 1) == 0  # start-up would eat the gain
-    assert _processes(generator_on_cpu=True, captures=None) == 0  # the generator sets the pace
+    assert _processes(generator_on_cpu=True, captures=None) == 0  # the generator sets the pace on 2 cores
     assert _processes(cores=1, captures=None) == 0
     assert _processes(remote=True, captures=None) == 0
     assert _processes(importable=False, captures=None) == 0  # a run-time plugin is not there in a new process
     assert _processes(3, captures=None) == 3 and _processes(0, captures=None) == 0
+
+
+def test_beside_a_cpu_generator_auto_processes_take_a_quarter_of_many_cores():
+    # GIL-bound detection in threads sets the pace once the generator has the other cores
+    assert _processes(cores=16, generator_on_cpu=True) == 4
+    assert _processes(cores=PROCESS_MIN_CORES_BESIDE_CPU_GENERATOR, generator_on_cpu=True) == 2
+    assert _processes(cores=PROCESS_MIN_CORES_BESIDE_CPU_GENERATOR - 1, generator_on_cpu=True, captures=None) == 0
+    assert _processes(cores=16, generator_on_cpu=True, captures=PROCESS_MIN_CAPTURES - 1) == 0
 
 
 def test_a_detector_registered_at_run_time_is_not_importable_in_workers():

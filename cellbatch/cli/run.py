@@ -76,8 +76,9 @@ PROCESSES = NumberOrAuto(0, "a number of worker processes (0: threads)")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Local threads for the CPU stages (default: one per core of --threads).")
 @click.option("--processes", type=PROCESSES, default="auto", show_default=True,
-              help="Run the CPU stages in N local worker processes instead of threads (0: threads). auto: one "
-              "per core when they pay (1,000 captures or more, no generator on the CPU), else threads.")
+              help="Run the CPU stages in N local worker processes instead of threads (0: threads). auto: when "
+              "they pay (1,000 captures or more): one per core, or a quarter of 8 or more cores beside a generator "
+              "on the CPU; else threads.")
 @click.option("--force", is_flag=True, help="Redo every slide, even those whose output is complete and unchanged.")
 @click.option("--report", "write_report", is_flag=True,
               help="Write OUT/report.html at the end (run header, slides, montages, heat maps).")
