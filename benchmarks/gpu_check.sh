@@ -5,7 +5,10 @@
 # --precision auto (bf16) and --batch-size auto, with the fp32 whole run and the bf16 parity line.
 # Targets on an H200: (b) generator alone >= 6,000 crops/s; (c) whole run >= 0.85 of (a), the CPU stage.
 # The (w) row, the slide writer alone, shows whether writing could keep up with the generator there.
-# About 5 minutes. Needs the carried wheels in .whl (dask, distributed, zarr and their needs) where absent.
+# Then, on the same machine's CPU alone, the whole run with the CPU stage in threads against the
+# worker processes `--processes auto` gives it beside a CPU generator from 8 cores (a quarter of them;
+# cellbatch/threads.py): the split is unmeasured elsewhere. CPU_SPLIT=0 skips it.
+# About 7 minutes. Needs the carried wheels in .whl (dask, distributed, zarr and their needs) where absent.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # TRAIN_SECONDS=150 adds a short pcNET training
 set -uo pipefail
 OUT=${OUT:-gpu-check-out}
@@ -35,4 +38,15 @@ python3 benchmarks/bench_pipeline.py --device cuda --processes "$PROCESSES" --ca
 if [[ "${TRAIN_SECONDS:-0}" -gt 0 ]]; then
     echo "== pcNET training on GPU"
     OUT=$OUT/train TRAIN_SECONDS=$TRAIN_SECONDS COUNT=${COUNT:-400} bash benchmarks/train_gpu.sh 2>&1 | tail -40 | tee "$OUT/train.txt"
+fi
+
+if [[ "${CPU_SPLIT:-1}" != 0 ]]; then
+    split=$(( $(python3 -c "import os; print(len(os.sched_getaffinity(0)))") / 4 ))
+    runs="0"
+    (( split >= 2 )) && runs="0 $split"  # fewer than 8 cores: threads only, as auto has it
+    for processes in $runs; do
+        echo "== CPU only: thesis-size generator, CPU stage in $processes worker processes (0: threads)"
+        CUDA_VISIBLE_DEVICES= timeout 300 python3 benchmarks/bench_pipeline.py --device cpu --processes "$processes" \
+            --captures 400 --base-filters 32 --no-fp32-run --no-parity 2>&1 | tee "$OUT/bench-cpu-processes-$processes.txt"
+    done
 fi
