@@ -10,8 +10,8 @@ elsewhere, where emulated bf16 would be slower than fp32.
 A model file is a frozen TorchScript graph: its weights are graph constants, not parameters, so
 ``module.to(dtype)`` and autocast leave them in fp32. :func:`prepare_module` therefore casts the
 constants in the graph itself, and the caller casts the input to match.
-On the CPU the cast copy also runs each convolution and its activation as one oneDNN call
-(:func:`fuse_conv_activations`).
+On the CPU the cast copy (an fp32 one too) also runs each convolution and its activation as one
+oneDNN call (:func:`fuse_conv_activations`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def prepare_module(
     module: Any, *, precision: str, device: str, fresh: Callable[[], Any] | None = None
 ) -> tuple[Any, str]:
     """A loaded model with its weights cast to ``precision`` in channels_last layout, and the precision
-    it will run at.
+    it will run at (on CUDA, fp32 models run as they were saved).
 
     Casts parameters and buffers (scripted modules) and the tensor constants of every graph (frozen
     modules, where the weights live), in a copy: a module that has already run (the model file's
@@ -106,8 +106,10 @@ def prepare_module(
         return module, "fp32"
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
-    if precision == "fp32":
+    if precision == "fp32" and device != "cpu":
         return module, precision
+    # On the CPU an fp32 model gets the copy too, for the layout and the fused activations alone: the
+    # same values, and a thesis-size generator 5-6 % faster (docs/devices.md, "Fused activations").
     dtype = torch_dtype(precision)
     if isinstance(module, torch.jit.ScriptModule):
         if fresh is not None:

@@ -90,6 +90,20 @@ def test_convolutions_and_their_activations_become_one_onednn_call_with_the_same
         assert torch.equal(fused(x), plain(x))  # in fp32 a fused activation is the same arithmetic
 
 
+def test_fp32_models_on_the_cpu_run_fused_in_a_copy_with_the_same_values():
+    torch.manual_seed(0)
+    net = _ConvNet()
+    loaded = _frozen(net)
+    fp32, resolved = precision.prepare_module(loaded, precision="fp32", device="cpu")
+    assert resolved == "fp32" and fp32 is not loaded
+    assert len(fp32.graph.findAllNodes("mkldnn::_convolution_pointwise")) == 2
+    assert not loaded.graph.findAllNodes("mkldnn::_convolution_pointwise")  # the self-tested module is left alone
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        x = precision.network_input(x, "fp32")
+        assert torch.equal(fp32(x), loaded(x))
+
+
 def test_bf16_models_on_the_cpu_run_fused_within_bf16_rounding_of_fp32():
     torch.manual_seed(0)
     net = _ConvNet()
