@@ -118,8 +118,8 @@ def classify(
     crops : (N, 256, 256, 3) uint8
         RGB crops.
     classifier
-        A classifier from :func:`load_classifier`, already on ``device`` (and cast to ``precision``
-        by :func:`~cellbatch.precision.prepare_module` unless fp32).
+        A classifier from :func:`load_classifier`, already on ``device`` (and prepared for ``precision``
+        by :func:`~cellbatch.precision.prepare_module`).
 
     Returns
     -------
