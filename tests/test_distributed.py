@@ -146,6 +146,8 @@ def test_local_worker_processes_give_the_threaded_result(tmp_path):
 
 def test_beside_a_cpu_generator_many_cores_split_between_processes_and_the_generator(tmp_path, monkeypatch):
     """--threads 8 stands for an 8-core machine: 2 worker processes, the generator's stage threads the rest."""
+    import torch
+
     from cellbatch import threads
     from cellbatch.api import convert
     from cellbatch.synth import write_synth
@@ -154,7 +156,11 @@ def test_beside_a_cpu_generator_many_cores_split_between_processes_and_the_gener
     monkeypatch.setattr(threads, "PROCESS_MIN_CAPTURES", 1)  # a small slide stands for a large run
     write_synth(tmp_path / "synth", count=3, seed=6, looks=("dm1200",))
     model = save_generator(Negate(), tmp_path / "neg.pt")
-    report = convert(tmp_path / "synth" / "dm1200", tmp_path / "out", model=model, device="cpu", threads=8)
+    torch_threads = torch.get_num_threads()
+    try:
+        report = convert(tmp_path / "synth" / "dm1200", tmp_path / "out", model=model, device="cpu", threads=8)
+    finally:
+        torch.set_num_threads(torch_threads)  # the budget of an 8-core machine is not this process's
     assert report.exit_code == 0
     log = (tmp_path / "out" / "run.log").read_text(encoding="utf-8")
     assert "CPU stage: 2 worker processes for 3 captures, 6 cores left to the generator" in log
