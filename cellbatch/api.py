@@ -383,9 +383,10 @@ def dask_client(scheduler: str | None, workers: int | None, *, processes: int = 
     scales past Python's GIL on many-core machines (a detector must then be importable there: a
     built-in or an entry-point plugin, not one registered at run time).
     """
+    import dask
     from distributed import Client, LocalCluster
 
-    from cellbatch.threads import available_cores
+    from cellbatch.threads import available_cores, worker_malloc_environ
 
     if scheduler:
         from cellbatch.cluster import connect_timeout, probe_scheduler
@@ -404,13 +405,16 @@ def dask_client(scheduler: str | None, workers: int | None, *, processes: int = 
         finally:
             client.close()
         return
+    spawn_environ = dask.config.get("distributed.nanny.pre-spawn-environ", {})
     if processes:
         cluster_args = {"n_workers": processes, "threads_per_worker": 1, "processes": True}
+        spawn_environ = {**spawn_environ, **worker_malloc_environ()}  # the run's own malloc, not Dask's
     else:
         cluster_args = {"n_workers": 1, "threads_per_worker": workers or available_cores()[0],
                         "processes": False}
     # Port 0: the scheduler's HTTP endpoint takes any free port, so concurrent runs never collide.
-    with LocalCluster(**cluster_args, dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_environ}), \
+            LocalCluster(**cluster_args, dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client, _quiet_when_interrupted():
         yield client
 

@@ -225,6 +225,40 @@ def test_a_run_reuses_freed_memory_unless_the_user_tuned_malloc():
     assert _refault_count("run", MALLOC_TRIM_THRESHOLD_="131072") >= 16  # the user's own tuning stands
 
 
+MALLOC_NAMES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                "MALLOC_ARENA_MAX")
+
+
+def test_worker_processes_keep_freed_memory_as_the_run_does(monkeypatch):
+    """Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536: every capture faulted its memory in again."""
+    from cellbatch.api import dask_client
+    from cellbatch.threads import glibc
+
+    if glibc() is None:
+        pytest.skip("malloc tuning applies to glibc on Linux only")
+    for name in MALLOC_NAMES:  # also undoes what Dask's nanny writes into this process's environment
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    with dask_client(None, None, processes=1) as client:
+        seen = client.run(lambda: {name: os.environ.get(name) for name in MALLOC_NAMES})
+    assert list(seen.values()) == [{"MALLOC_MMAP_MAX_": "0", "MALLOC_MMAP_THRESHOLD_": None,
+                                    "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_TOP_PAD_": None,
+                                    "MALLOC_ARENA_MAX": "1"}]
+
+
+def test_a_users_malloc_tuning_reaches_the_workers_as_it_is(monkeypatch):
+    from cellbatch.threads import worker_malloc_environ
+
+    for name in MALLOC_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert worker_malloc_environ() == {}
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
+    assert worker_malloc_environ() == {}
+
+
 def _processes(processes="auto", *, cores=2, remote=False, generator_on_cpu=False, importable=True, captures=5000):
     def count():
         if captures is None:
