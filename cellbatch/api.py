@@ -379,7 +379,8 @@ def dask_client(scheduler: str | None, workers: int | None, *, processes: int = 
     """A Dask client: the given cluster, or a local one.
 
     Locally, read/detect/crop run in ``workers`` threads of this process (no services to start);
-    with ``processes`` > 0 they run in that many single-threaded worker processes instead, which
+    with ``processes`` > 0 they run in that many single-threaded worker processes instead (with the
+    run's own malloc settings, :func:`cellbatch.threads.worker_malloc_environ`), which
     scales past Python's GIL on many-core machines (a detector must then be importable there: a
     built-in or an entry-point plugin, not one registered at run time).
     """
