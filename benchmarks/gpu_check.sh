@@ -8,7 +8,9 @@
 # Then, on the same machine's CPU alone, the whole run with the CPU stage in threads against the
 # worker processes `--processes auto` gives it beside a CPU generator from 8 cores (a quarter of them;
 # cellbatch/threads.py): the split is unmeasured elsewhere. CPU_SPLIT=0 skips it.
-# About 7 minutes. Needs the carried wheels in .whl (dask, distributed, zarr and their needs) where absent.
+# It has not run on a GPU yet, so its length there is unknown: run it with the device's longest timeout
+# and CPU_SPLIT=0 when little device time is left. Needs the carried wheels in .whl (dask, distributed,
+# zarr and their needs) where absent.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # TRAIN_SECONDS=150 adds a short pcNET training
 set -uo pipefail
 OUT=${OUT:-gpu-check-out}
