@@ -92,6 +92,7 @@ def convert(
     """
     from cellbatch.threads import (
         apply_budget,
+        available_cores,
         blas_threads_limited,
         prepare_native_runtimes,
         thread_budget,
@@ -120,14 +121,13 @@ def convert(
     if scheduler:
         check_scheduler_address(scheduler)
     resolved = resolve_device(device)
-    budget = thread_budget(threads, device=resolved, remote=bool(scheduler), workers=workers)
+    # worker processes first: they take cores the device stages would otherwise have
     processes, processes_why = worker_processes(
-        processes, cores=budget.cores, remote=bool(scheduler),
+        processes, cores=available_cores(threads)[0], remote=bool(scheduler),
         generator_on_cpu=model is not None and not resolved.startswith("cuda"),
         detector_importable=detectors.importable_everywhere(detector),
         captures=lambda: _captures_or_none(source_paths, out))
-    if processes:  # they take cores the device stages would otherwise have
-        budget = thread_budget(threads, device=resolved, remote=bool(scheduler), workers=workers, processes=processes)
+    budget = thread_budget(threads, device=resolved, remote=bool(scheduler), workers=workers, processes=processes)
     apply_budget(budget)
     settings = RunSettings(
         extract=ExtractSettings(detector=detector, cell_diameter=cell_diameter, crop_size=crop_size,
